@@ -1,0 +1,68 @@
+"""End-of-training kNN report: the trained backbone next to two baselines."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+
+from ssl_lightning.callbacks.knn import knn_accuracy
+
+
+class KNNReport(L.Callback):
+    """After ``fit``, prints kNN top-1 of (1) the trained backbone, (2) the same architecture at
+    random initialisation (seed ``init_seed``) and (3) raw pixels, so a user sees at once what
+    training bought.
+
+    Protocol: weighted kNN (k, temperature, cosine) on backbone ``feats`` in eval mode, bank =
+    the un-augmented training split, queries = the validation split. Runs on rank zero only, with
+    the DataModule's own (non-distributed) loaders. The numbers are kept in ``self.results``.
+    """
+
+    def __init__(self, k: int = 20, temperature: float = 0.1, init_seed: int = 0):
+        self.k = k
+        self.temperature = temperature
+        self.init_seed = init_seed
+        self.results: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        request = getattr(trainer.datamodule, "request_knn_bank", None)
+        if request is None:
+            raise ValueError("KNNReport needs an ssl_lightning DataModule (one with request_knn_bank()).")
+        request()
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        query_loader, bank_loader = trainer.datamodule.val_dataloader()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            random_backbone = pl_module.build_fresh_backbone().to(pl_module.device)
+        encoders = {
+            "trained backbone": pl_module.backbone,
+            f"random init (seed {self.init_seed})": random_backbone,
+            "raw pixels": torch.nn.Flatten(),
+        }
+        lines = [f"kNN top-1 (k={self.k}, T={self.temperature}, cosine; bank = train split, queries = val split):"]
+        for name, encoder in encoders.items():
+            bank, bank_labels = _encode(encoder, bank_loader, pl_module.device)
+            queries, query_labels = _encode(encoder, query_loader, pl_module.device)
+            top1 = knn_accuracy(queries, query_labels, bank, bank_labels, self.k, self.temperature)["top1"]
+            self.results[name] = top1
+            lines.append(f"  {name:<24} {top1:6.2f}%")
+        rank_zero_info("\n".join(lines))
+
+
+@torch.no_grad()
+def _encode(encoder: torch.nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    try:
+        for batch in loader:
+            feats.append(encoder(batch["views"][0].to(device)).float())
+            labels.append(batch["label"].to(device))
+    finally:
+        encoder.train(was_training)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    labelled = labels >= 0
+    return feats[labelled], labels[labelled]

@@ -1,0 +1,204 @@
+"""ViewDataModule: the shared DataModule behind every dataset (views, batch dict, loaders, kNN bank)."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_lightning.datamodules.sources import ImageSource
+from ssl_lightning.datamodules.views import (
+    MultiViewTransform,
+    ViewSpec,
+    check_preset_name,
+    resolve_views,
+)
+
+Split = Literal["train", "val", "bank"]
+
+
+class ViewDataset(Dataset):
+    """Wraps a raw image source into the batch-dict items: {"views": [...], "label": int, "index": int}."""
+
+    def __init__(self, source: ImageSource, transform: MultiViewTransform) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.source[index]
+        return {"views": self.transform(image), "label": label, "index": index}
+
+
+class ViewDataModule(L.LightningDataModule, ABC):
+    """Base DataModule: yields batches {"views": [BxCxHxW, ...], "label": B, "index": B}.
+
+    Training batches carry the recipe's views (global crops first, shuffled, `drop_last`);
+    validation batches carry one un-augmented view. After `request_knn_bank()` (the kNN callback
+    calls it in its setup), `val_dataloader()` returns `[val, bank]`, the bank being the training
+    split through the same un-augmented view, in order. Properties are readable right after
+    `__init__`, before `setup`.
+
+    Subclasses provide `num_classes`, `in_chans`, `native_image_size`, `mean`, `std` and
+    `_load_images(split)` for "train", "val" and "bank".
+
+    Args:
+        batch_size: images per batch and per process.
+        num_workers: DataLoader worker processes.
+        views: a preset name (see VIEW_PRESETS) or a list of ViewSpec.
+        image_size: side of the global views and of the validation view; None = the dataset's own.
+        drop_last: drop the last incomplete training batch.
+        pin_memory: DataLoader pin_memory (useful with a GPU).
+        persistent_workers: keep workers alive between epochs (only applies when num_workers > 0).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        num_workers: int = 2,
+        views: str | list[ViewSpec] = "simclr",
+        image_size: int | None = None,
+        drop_last: bool = True,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be positive or None, got {image_size}")
+        if isinstance(views, str):
+            check_preset_name(views)
+        self._batch_size = batch_size
+        self.num_workers = num_workers
+        self.views = views
+        self._image_size = image_size
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self._knn_bank_requested = False
+        self._datasets: dict[Split, ViewDataset | None] = {}
+
+    # What a subclass declares about its data.
+
+    @property
+    @abstractmethod
+    def num_classes(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def in_chans(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def native_image_size(self) -> int:
+        """The size images are stored at; image_size defaults to it."""
+
+    @property
+    @abstractmethod
+    def mean(self) -> tuple[float, ...]: ...
+
+    @property
+    @abstractmethod
+    def std(self) -> tuple[float, ...]: ...
+
+    @abstractmethod
+    def _load_images(self, split: Split) -> ImageSource | None:
+        """Raw images of a split; None only for an optional validation split that is absent."""
+
+    # What methods and callbacks read.
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size or self.native_image_size
+
+    @property
+    def view_specs(self) -> list[ViewSpec]:
+        """The training recipe with every crop size resolved."""
+        return resolve_views(self.views, self.image_size, self.in_chans)
+
+    @property
+    def num_views(self) -> int:
+        return sum(spec.num for spec in self.view_specs)
+
+    def request_knn_bank(self) -> None:
+        """Make val_dataloader() also return the un-augmented training split (dataloader_idx 1)."""
+        self._knn_bank_requested = True
+
+    # Lightning hooks.
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            train = self._checked_images("train")
+            self._check_batch_fits(len(train))
+            self._datasets["train"] = ViewDataset(train, MultiViewTransform(self.view_specs, self.mean, self.std))
+        if stage in ("fit", "validate"):
+            val = self._load_images("val")
+            self._datasets["val"] = None if val is None else self._plain_dataset(self._require_images(val, "val"))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("train", "fit"), train=True)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        val = self._dataset("val", "validate")
+        if val is None:
+            return []
+        if not self._knn_bank_requested:
+            return self._loader(val, train=False)
+        if "bank" not in self._datasets:  # built here: callbacks request the bank after setup
+            self._datasets["bank"] = self._plain_dataset(self._checked_images("bank"))
+        return [self._loader(val, train=False), self._loader(self._datasets["bank"], train=False)]
+
+    # Internals.
+
+    def _plain_dataset(self, source: ImageSource) -> ViewDataset:
+        plain = resolve_views("none", self.image_size, self.in_chans)
+        return ViewDataset(source, MultiViewTransform(plain, self.mean, self.std))
+
+    def _checked_images(self, split: Split) -> ImageSource:
+        images = self._load_images(split)
+        if images is None:
+            raise ValueError(f"{type(self).__name__} has no {split} split")
+        return self._require_images(images, split)
+
+    def _require_images(self, images: ImageSource, split: Split) -> ImageSource:
+        if len(images) == 0:
+            raise ValueError(f"{type(self).__name__}: the {split} split is empty (0 images)")
+        return images
+
+    def _check_batch_fits(self, num_train: int) -> None:
+        """With drop_last, a batch larger than a process's share of the data would give 0 steps."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        per_process = math.ceil(num_train / world_size)
+        if self.drop_last and self.batch_size > per_process:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the {per_process} training images per process "
+                f"({num_train} images over {world_size} process(es)); with drop_last=True no batch would be "
+                "produced: lower batch_size or set drop_last=False"
+            )
+
+    def _dataset(self, split: Split, stage: str) -> ViewDataset | None:
+        if split not in self._datasets:
+            raise RuntimeError(f"{type(self).__name__}.setup({stage!r}) must run before the {split} dataloader")
+        return self._datasets[split]
+
+    def _loader(self, dataset: ViewDataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )

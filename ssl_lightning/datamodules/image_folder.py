@@ -1,0 +1,106 @@
+"""ImageFolder: images as files, labelled by class sub-folder or an unlabelled flat folder."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from ssl_lightning.datamodules.base import Split, ViewDataModule
+from ssl_lightning.datamodules.image_files import (
+    FileImages,
+    FolderListing,
+    check_image_headers,
+    list_image_folder,
+)
+from ssl_lightning.datamodules.sources import channel_stats, evenly_spaced
+from ssl_lightning.datamodules.views import ViewSpec
+
+STATS_SAMPLE = 512  # files decoded to estimate mean/std: large images make each one costly
+DEFAULT_IMAGE_SIZE = 224  # files have no common size; ImageNet's convention
+
+
+class ImageFolder(ViewDataModule):
+    """Images from `train_dir` and, optionally, `val_dir` (without it there is no validation).
+
+    Each folder is either `<dir>/<class>/**/<image>` (labels numbered by sorted class name of
+    `train_dir`) or a flat `<dir>/<image>` (label -1). Files are decoded with PIL and converted to
+    RGB (in_chans=3) or grayscale (in_chans=1). At setup every file's header is opened: a file
+    PIL cannot identify raises an error naming it, or, with `skip_corrupt=True`, is left out with
+    one warning listing all such files. mean/std, unless given, are estimated from up to 512 evenly
+    spaced training images; image_size (default 224) is the side of the global views.
+    """
+
+    def __init__(
+        self,
+        train_dir: str,
+        val_dir: str | None = None,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        in_chans: int = 3,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        skip_corrupt: bool = False,
+        batch_size: int = 256,
+        num_workers: int = 2,
+        views: str | list[ViewSpec] = "simclr",
+        drop_last: bool = True,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__(batch_size, num_workers, views, image_size, drop_last, pin_memory, persistent_workers)
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3 for image files, got {in_chans}")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither (then both are estimated from the data)")
+        self.train_dir = Path(train_dir).expanduser()
+        self.val_dir = None if val_dir is None else Path(val_dir).expanduser()
+        self._in_chans = in_chans
+        self._given_stats = None if mean is None else (tuple(mean), tuple(std))
+        self.skip_corrupt = skip_corrupt
+        self._checked: dict[str, FileImages] = {}
+
+    @cached_property
+    def _train_listing(self) -> FolderListing:
+        return list_image_folder(self.train_dir)
+
+    @cached_property
+    def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self._given_stats is not None:
+            return self._given_stats
+        train = self._images("train")
+        return channel_stats(train[i][0].unsqueeze(0) for i in evenly_spaced(len(train), STATS_SAMPLE))
+
+    @property
+    def num_classes(self) -> int | None:
+        classes = self._train_listing.classes
+        return None if classes is None else len(classes)
+
+    @property
+    def in_chans(self) -> int:
+        return self._in_chans
+
+    @property
+    def native_image_size(self) -> int:
+        return DEFAULT_IMAGE_SIZE
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self._stats[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self._stats[1]
+
+    def _images(self, folder: str) -> FileImages:
+        """Listed and header-checked once per folder; the kNN bank reuses the training files."""
+        if folder not in self._checked:
+            if folder == "train":
+                listing = self._train_listing
+            else:
+                listing = list_image_folder(self.val_dir, classes=self._train_listing.classes)
+            self._checked[folder] = FileImages(check_image_headers(listing, self.skip_corrupt), self.in_chans)
+        return self._checked[folder]
+
+    def _load_images(self, split: Split) -> FileImages | None:
+        if split == "val":
+            return None if self.val_dir is None else self._images("val")
+        return self._images("train")

@@ -1,0 +1,79 @@
+"""Raw image sources: indexable collections of (uint8 CxHxW tensor, label) pairs, decoded early.
+
+Every DataModule turns its storage (arrays, packed JPEG bytes, files) into one of these; the view
+transforms then only ever see uint8 tensors. Label -1 marks an unlabelled image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+UNLABELLED = -1
+
+
+class ImageSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+
+class TensorImages:
+    """Images held in memory as one uint8 NxCxHxW tensor (a strided view of NHWC storage is fine)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be a uint8 NxCxHxW tensor, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+class JpegBytesImages:
+    """JPEG files packed into one byte array: image i is bytes offsets[i]:offsets[i+1]; decoded per item."""
+
+    def __init__(self, data: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor, in_chans: int) -> None:
+        if len(offsets) != len(labels) + 1:
+            raise ValueError(f"offsets must hold one entry more than labels; got {len(offsets)} and {len(labels)}")
+        self.data, self.offsets, self.labels = data, offsets.long(), labels.long()
+        self.mode = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return decode_jpeg(self.data[start:end], mode=self.mode), int(self.labels[index])
+
+
+def channel_stats(batches: Iterable[torch.Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std over all pixels of uint8 NxCxHxW batches (sizes may differ between
+    batches), in the [0, 1] scale that Normalize sees after ToDtype."""
+    total = squares = None
+    count = 0
+    for batch in batches:  # batch by batch so memory stays flat
+        pixels = batch.transpose(0, 1).reshape(batch.shape[1], -1).double() / 255.0
+        total = pixels.sum(1) if total is None else total + pixels.sum(1)
+        squares = (pixels**2).sum(1) if squares is None else squares + (pixels**2).sum(1)
+        count += pixels.shape[1]
+    if total is None or count == 0:
+        raise ValueError("cannot compute mean/std of an empty set of images")
+    mean = total / count
+    std = (squares / count - mean**2).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def evenly_spaced(length: int, limit: int) -> list[int]:
+    """At most `limit` indices spread over range(length), for estimating statistics on a sample."""
+    if length <= limit:
+        return list(range(length))
+    return torch.linspace(0, length - 1, limit).round().long().tolist()

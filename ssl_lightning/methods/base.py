@@ -1,0 +1,239 @@
+"""``SSLMethod``: what every self-supervised method shares.
+
+A method subclass adds its heads (:meth:`build_heads`) and its loss (:meth:`shared_step`); the
+base owns the backbone, the online linear probe, the optimizer and schedule, and logging.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ssl_lightning.backbones import build_backbone, feature_dim
+from ssl_lightning.methods.data_link import DataFacts, read_data_facts
+from ssl_lightning.methods.optimization import OptimizationConfig, configure_optimization
+
+
+class SSLMethod(L.LightningModule):
+    """Base class of self-supervised methods.
+
+    Subclasses implement:
+      * ``build_heads(feat_dim)``: create projector / predictor / teacher (called once the
+        backbone exists, inside ``configure_model``);
+      * ``shared_step(batch) -> dict``: ``loss``, named terms ``loss/<term>``, and ``feats`` (the
+        backbone features of ``views[0]``, used by the online probe);
+      * optionally ``embed(images)`` (default: backbone then ``self.projector``) and
+        ``on_optimizer_step()`` (teacher updates).
+
+    Modules are built lazily in ``configure_model`` so that a method made in Python picks up
+    ``in_chans`` / ``num_classes`` / ``batch_size`` from the DataModule during ``setup``.
+
+    Args:
+        backbone: timm name, ``torchvision.<resnet>``, or an ``nn.Module`` (not saved in
+            hyperparameters: pass it again to ``load_from_checkpoint``).
+        backbone_kwargs: extra builder arguments (e.g. small ResNet layers and channels).
+        cifar_stem: 3x3 stride-1 stem without max-pool for 32x32 images.
+        in_chans, num_classes, batch_size, image_size: taken from the DataModule when None
+            (LightningCLI links them). ``num_classes=None`` and no labels: no probe.
+        optimizer: "lars", "sgd", "adamw", "lamb", "adamp" or "adam" (timm's implementations).
+        lr: peak learning rate per 256 images, scaled by ``lr_scaling`` with the global batch.
+        weight_decay: applied to weights, never to biases and normalisation parameters.
+        schedule: "warmup_cosine", "infinite" (warm-up, cosine cool-down, constant, exponential
+            anneal) or "constant".
+        warmup_epochs / warmup_steps: linear warm-up length (steps win when given).
+        probe_lr: learning rate (per 256 images) of the online linear probe on detached features.
+    """
+
+    #: number of views ``shared_step`` consumes: an int, or (min, max) for multi-crop methods
+    expected_views: int | tuple[int, int] = 2
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        backbone_kwargs: dict[str, Any] | None = None,
+        cifar_stem: bool = False,
+        in_chans: int | None = None,
+        num_classes: int | None = None,
+        batch_size: int | None = None,
+        image_size: int | None = None,
+        optimizer: Literal["lars", "sgd", "adamw", "lamb", "adamp", "adam"] = "lars",
+        lr: float = 0.3,
+        lr_scaling: Literal["linear", "sqrt", "none"] = "linear",
+        weight_decay: float = 1e-6,
+        momentum: float = 0.9,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        schedule: Literal["warmup_cosine", "infinite", "constant"] = "warmup_cosine",
+        warmup_epochs: float = 10.0,
+        warmup_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        cooldown_steps: int = 0,
+        const_lr_ratio: float | None = None,
+        anneal_steps: int = 0,
+        probe_lr: float = 0.1,
+    ):
+        super().__init__()
+        custom_backbone = isinstance(backbone, nn.Module)
+        self.save_hyperparameters(ignore=["backbone"] if custom_backbone else None)
+        self._custom_backbone = backbone if custom_backbone else None
+        self.optimization = OptimizationConfig(
+            optimizer=optimizer, lr=lr, lr_scaling=lr_scaling, weight_decay=weight_decay, momentum=momentum,
+            optimizer_kwargs=dict(optimizer_kwargs or {}), schedule=schedule, warmup_epochs=warmup_epochs,
+            warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, cooldown_steps=cooldown_steps,
+            const_lr_ratio=const_lr_ratio, anneal_steps=anneal_steps, probe_lr=probe_lr,
+        )
+        self.backbone: nn.Module | None = None
+        self.probe: nn.Linear | None = None
+
+    # ----------------------------------------------------------------- building
+    def setup(self, stage: str) -> None:
+        facts = read_data_facts(self.trainer)
+        if facts is not None:
+            self._adopt_data_facts(facts)
+
+    def _adopt_data_facts(self, facts: DataFacts) -> None:
+        for key in ("in_chans", "num_classes", "batch_size", "image_size"):
+            ours, theirs = self.hparams.get(key), getattr(facts, key)
+            if ours is None and theirs is not None:
+                self.hparams[key] = theirs
+        if facts.num_views is not None:
+            check_view_count(type(self).__name__, self.expected_views, facts.num_views)
+
+    def configure_model(self) -> None:
+        if self.backbone is not None:  # Lightning calls this hook once per stage
+            return
+        self.backbone = self._custom_backbone if self._custom_backbone is not None else self.build_fresh_backbone()
+        self.feat_dim = feature_dim(self.backbone, self.hparams.in_chans or 3, self.hparams.image_size or 32)
+        self.build_heads(self.feat_dim)
+        if self.hparams.num_classes:
+            self.probe = nn.Linear(self.feat_dim, self.hparams.num_classes)
+            self.val_probe_top1 = MulticlassAccuracy(self.hparams.num_classes, average="micro")
+
+    def build_fresh_backbone(self) -> nn.Module:
+        """A newly initialised backbone of this method's architecture (also the random-init baseline)."""
+        if self._custom_backbone is not None:
+            fresh = copy.deepcopy(self._custom_backbone)
+            for module in fresh.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            return fresh
+        return build_backbone(
+            self.hparams.backbone, cifar_stem=self.hparams.cifar_stem, in_chans=self.hparams.in_chans or 3,
+            kwargs=self.hparams.backbone_kwargs,
+        )
+
+    def build_heads(self, feat_dim: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement build_heads(feat_dim).")
+
+    # ----------------------------------------------------------------- the method's pieces
+    def shared_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement shared_step(batch).")
+
+    def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.backbone(images)
+        return {"feats": feats, "embeds": self.projector(feats)}
+
+    def on_optimizer_step(self, step: int) -> None:
+        """Called after optimizer step ``step`` (0-indexed); teacher updates go here."""
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        require_views(batch, type(self).__name__)
+        out = self.shared_step(batch)
+        loss = out["loss"]
+        batch_size = batch["views"][0].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        for name, value in out.items():
+            if name.startswith("loss/"):
+                self.log(f"train/{name}", value, batch_size=batch_size, sync_dist=True)
+        if self.probe is not None and "feats" in out:
+            loss = loss + self._probe_step(out["feats"].detach(), batch["label"])
+        return loss
+
+    def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labelled = labels >= 0
+        if not labelled.any():
+            return feats.new_zeros(())
+        logits = self.probe(feats[labelled])
+        probe_loss = F.cross_entropy(logits, labels[labelled])
+        n = int(labelled.sum())
+        self.log("train/probe_loss", probe_loss, batch_size=n, sync_dist=True)
+        accuracy = (logits.argmax(1) == labels[labelled]).float().mean()
+        self.log("train/probe_top1", accuracy, batch_size=n, sync_dist=True)
+        return probe_loss
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        require_views(batch, type(self).__name__)
+        out = self.embed(batch["views"][0])
+        labels = batch["label"]
+        if dataloader_idx == 0 and self.probe is not None and (labels >= 0).any():
+            labelled = labels >= 0
+            self.val_probe_top1(self.probe(out["feats"][labelled]), labels[labelled])
+            self.log("val/probe_top1", self.val_probe_top1, add_dataloader_idx=False)
+        return {**out, "label": labels, "index": batch["index"]}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Lightning calls this once per real optimizer step, never per accumulated micro-batch.
+        step = self.trainer.global_step
+        super().optimizer_step(*args, **kwargs)
+        self.on_optimizer_step(step)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        for group in self.trainer.optimizers[0].param_groups:
+            self.log(f"lr/{group.get('name', 'group')}", group["lr"], batch_size=1)
+
+    def configure_optimizers(self):
+        probe_params = list(self.probe.parameters()) if self.probe is not None else []
+        student = [m for name, m in self.named_children() if name != "probe"]
+        return configure_optimization(
+            self.optimization, nn.ModuleList(student), probe_params, self.trainer,
+            self.hparams.batch_size or read_batch_size(self.trainer),
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # load_from_checkpoint builds the modules; a resumed Trainer run has built them already.
+        self.configure_model()
+
+
+def require_views(batch: Any, method: str) -> None:
+    if isinstance(batch, dict) and "views" in batch:
+        return
+    if isinstance(batch, dict) and "image" in batch:
+        raise RuntimeError(
+            f"{method} got a batch with 'image' but no 'views': the DataModule's view hook "
+            "(on_after_batch_transfer) did not run. Pass the DataModule to Trainer.fit(datamodule=...) "
+            "instead of its dataloaders."
+        )
+    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise TypeError(
+        f"{method} expects a batch dict with 'views', 'label', 'index' (see DESIGN 'Data flow'); got {got}. "
+        "Use an ssl_lightning DataModule or yield such dicts from your DataLoader."
+    )
+
+
+def check_view_count(method: str, expected: int | tuple[int, int], got: int) -> None:
+    low, high = (expected, expected) if isinstance(expected, int) else expected
+    if not low <= got <= high:
+        wanted = str(low) if low == high else f"{low} to {high}"
+        raise ValueError(
+            f"{method} needs {wanted} views per image, but the DataModule's view recipe makes {got}. "
+            "Choose a matching recipe (e.g. data.views: simclr for two-view methods, dino for multi-crop)."
+        )
+
+
+def read_batch_size(trainer: L.Trainer) -> int:
+    facts = read_data_facts(trainer)
+    if facts is None or facts.batch_size is None:
+        raise ValueError(
+            "Cannot scale the learning rate: the batch size is unknown. Pass batch_size= to the method "
+            "or use a DataModule that declares batch_size."
+        )
+    return facts.batch_size

@@ -1,0 +1,80 @@
+"""Turns a method's optimizer and schedule arguments into Lightning's optimizer config."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from ssl_lightning.optim import (
+    build_lr_scheduler,
+    create_optimizer,
+    global_batch_size,
+    param_groups,
+    scale_lr,
+)
+
+
+@dataclass
+class OptimizationConfig:
+    optimizer: str
+    lr: float
+    lr_scaling: str
+    weight_decay: float
+    momentum: float
+    schedule: str
+    warmup_epochs: float
+    warmup_steps: int | None
+    min_lr_ratio: float
+    cooldown_steps: int
+    const_lr_ratio: float | None
+    anneal_steps: int
+    probe_lr: float
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def configure_optimization(
+    config: OptimizationConfig, student: nn.Module, probe_params: list, trainer: L.Trainer, batch_size: int
+) -> dict:
+    """Parameter groups (weights / no_decay / probe), LR scaled by the global batch, and a
+    per-step schedule over ``trainer.estimated_stepping_batches``."""
+    global_batch = global_batch_size(trainer, batch_size)
+    lr = scale_lr(config.lr, global_batch, config.lr_scaling)
+    groups = param_groups(student, config.weight_decay)
+    if probe_params:
+        groups.append({
+            "name": "probe", "params": probe_params, "weight_decay": 0.0,
+            "lr": scale_lr(config.probe_lr, global_batch, config.lr_scaling),
+        })
+    optimizer = create_optimizer(
+        config.optimizer, groups, lr=lr, weight_decay=config.weight_decay, momentum=config.momentum,
+        **config.optimizer_kwargs,
+    )
+    total_steps = int(trainer.estimated_stepping_batches)
+    scheduler = build_lr_scheduler(
+        optimizer, config.schedule, total_steps=total_steps,
+        warmup_steps=min(resolve_warmup_steps(config, trainer, total_steps), total_steps),
+        min_lr_ratio=config.min_lr_ratio, cooldown_steps=config.cooldown_steps,
+        const_lr_ratio=config.const_lr_ratio, anneal_steps=config.anneal_steps,
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def resolve_warmup_steps(config: OptimizationConfig, trainer: L.Trainer, total_steps: int) -> int:
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.max_steps == -1:
+        steps_per_epoch = total_steps / trainer.max_epochs
+    else:
+        # A step-limited run: epochs are counted in batches of the training dataloader.
+        trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "warmup_epochs needs a training dataloader with a length; set warmup_steps instead."
+            )
+        steps_per_epoch = batches / trainer.accumulate_grad_batches
+    return math.ceil(config.warmup_epochs * steps_per_epoch)

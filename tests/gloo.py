@@ -1,0 +1,47 @@
+"""Run a function on every rank of a two-process gloo group on the CPU, for distributed tests.
+
+Processes are started with ``torch.multiprocessing.spawn`` (never Lightning's plain ``ddp``,
+which would re-launch the whole pytest session), rendezvous through a FileStore in a test's
+temporary directory (no port to race for), and hand results back through files there.
+"""
+
+import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD_SIZE = 2
+
+
+def run_on_two_ranks(worker, directory: Path, *args) -> list:
+    """Call ``worker(*args)`` on ranks 0 and 1 of a gloo group; return each rank's result.
+
+    ``worker`` must be a module-level function (it is pickled by name) that returns tensors,
+    numbers or containers of them.
+    """
+    mp.spawn(_run_rank, args=(worker, str(directory), args), nprocs=WORLD_SIZE, join=True)
+    return [
+        torch.load(_result_path(directory, rank), weights_only=True) for rank in range(WORLD_SIZE)
+    ]
+
+
+def _result_path(directory, rank: int) -> Path:
+    return Path(directory) / f"rank{rank}.pt"
+
+
+def _run_rank(rank: int, worker, directory: str, args: tuple) -> None:
+    # Two ranks share the machine's cores; more threads each would only oversubscribe them.
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{Path(directory) / 'store'}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        torch.save(worker(*args), _result_path(directory, rank))
+    finally:
+        dist.destroy_process_group()

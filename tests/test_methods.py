@@ -1,0 +1,90 @@
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from fakes import TINY_BACKBONE, fake_loader
+from ssl_lightning.callbacks import KNNCallback
+from ssl_lightning.datamodules import Digits
+from ssl_lightning.methods import METHODS, SimCLR
+
+SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
+
+
+def small_method(name: str, **kwargs):
+    extra = {"pred_hidden_dim": 32} if name == "BYOL" else {}
+    return METHODS[name](**TINY_BACKBONE, **SMALL_HEADS, **extra, **kwargs)
+
+
+def quick_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_fast_dev_run_on_digits_learns_from_datamodule_facts(name):
+    model = small_method(name)  # in_chans, num_classes, batch size: read from the DataModule
+    datamodule = Digits(batch_size=32, num_workers=0)
+    trainer = quick_trainer(fast_dev_run=2, callbacks=[KNNCallback(k=5)])
+    trainer.fit(model, datamodule)
+    metrics = trainer.callback_metrics
+    assert model.hparams.in_chans == 1 and model.hparams.num_classes == 10 and model.hparams.batch_size == 32
+    assert torch.isfinite(metrics["train/loss"])
+    assert {"train/probe_loss", "val/probe_top1", "val/knn_top1", "val/knn_top5", "lr/weights", "lr/probe"} <= set(metrics)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_checkpoint_loads_with_weights_only(name, tmp_path):
+    model = small_method(name, in_chans=1, num_classes=4, batch_size=8)
+    trainer = quick_trainer(max_steps=1)
+    trainer.fit(model, fake_loader(size=16))
+    path = tmp_path / "method.ckpt"
+    trainer.save_checkpoint(path)
+    restored = METHODS[name].load_from_checkpoint(path, weights_only=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    x = torch.randn(2, 1, 16, 16)
+    model.eval(), restored.eval()
+    torch.testing.assert_close(restored(x), model(x))
+
+
+def test_view_recipe_that_does_not_fit_the_method_is_rejected_before_training():
+    model = small_method("SimCLR")
+    with pytest.raises(ValueError, match=r"SimCLR needs 2 views per image, but the DataModule's view recipe makes 8"):
+        quick_trainer(fast_dev_run=1).fit(model, Digits(batch_size=32, num_workers=0, views="dino"))
+
+
+def test_batch_without_views_names_the_missing_view_hook():
+    model = small_method("SimCLR", in_chans=1, num_classes=4, batch_size=8)
+    model.configure_model()
+    with pytest.raises(RuntimeError, match="view hook \\(on_after_batch_transfer\\) did not run"):
+        model.training_step({"image": torch.zeros(2, 1, 16, 16), "label": torch.zeros(2), "index": torch.arange(2)}, 0)
+
+
+def test_custom_backbone_module_is_not_saved_in_hyperparameters(tmp_path):
+    backbone = nn.Sequential(nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = SimCLR(backbone=backbone, in_chans=1, num_classes=4, batch_size=8, **SMALL_HEADS)
+    assert "backbone" not in model.hparams
+    trainer = quick_trainer(max_steps=1)
+    trainer.fit(model, fake_loader(size=16))
+    assert model.backbone is backbone and model.feat_dim == 8
+    path = tmp_path / "custom.ckpt"
+    trainer.save_checkpoint(path)
+    fresh = nn.Sequential(nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    restored = SimCLR.load_from_checkpoint(path, backbone=fresh, weights_only=True)
+    assert torch.equal(restored.backbone[0].weight, backbone[0].weight)
+
+
+def test_unlabelled_batches_skip_the_probe():
+    model = small_method("BarlowTwins", in_chans=1, num_classes=4, batch_size=8)
+    trainer = quick_trainer(max_steps=2)
+    loader = torch.utils.data.DataLoader(
+        [{**item, "label": -1} for item in fake_loader(size=16).dataset], batch_size=8
+    )
+    model.configure_model()
+    before = model.probe.weight.clone()
+    trainer.fit(model, loader)
+    assert torch.equal(model.probe.weight, before)
+    assert "train/probe_loss" not in trainer.callback_metrics
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
