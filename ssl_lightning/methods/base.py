@@ -48,6 +48,8 @@ class SSLMethod(L.LightningModule):
             anneal) or "constant".
         warmup_epochs / warmup_steps: linear warm-up length (steps win when given).
         probe_lr: learning rate (per 256 images) of the online linear probe on detached features.
+        channels_last: store convolution weights channels-last (NHWC), which PyTorch's CPU and
+            tensor-core kernels run faster; outputs are unchanged.
     """
 
     #: number of views ``shared_step`` consumes: an int, or (min, max) for multi-crop methods
@@ -76,6 +78,7 @@ class SSLMethod(L.LightningModule):
         const_lr_ratio: float | None = None,
         anneal_steps: int = 0,
         probe_lr: float = 0.1,
+        channels_last: bool = False,
     ):
         super().__init__()
         custom_backbone = isinstance(backbone, nn.Module)
@@ -108,6 +111,8 @@ class SSLMethod(L.LightningModule):
         if self.backbone is not None:  # Lightning calls this hook once per stage
             return
         self.backbone = self._custom_backbone if self._custom_backbone is not None else self.build_fresh_backbone()
+        if self.hparams.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
         self.feat_dim = feature_dim(self.backbone, self.hparams.in_chans or 3, self.hparams.image_size or 32)
         self.build_heads(self.feat_dim)
         if self.hparams.num_classes:
