@@ -24,6 +24,8 @@ class FakeViews(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.length:
+            raise IndexError(i)  # also ends plain iteration over the dataset
         g = torch.Generator().manual_seed(i)
         views = [torch.randn(self.in_chans, self.size, self.size, generator=g) for _ in range(self.num_views)]
         return {"views": views, "label": i % self.num_classes, "index": i}

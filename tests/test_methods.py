@@ -79,9 +79,8 @@ def test_custom_backbone_module_is_not_saved_in_hyperparameters(tmp_path):
 def test_unlabelled_batches_skip_the_probe():
     model = small_method("BarlowTwins", in_chans=1, num_classes=4, batch_size=8)
     trainer = quick_trainer(max_steps=2)
-    loader = torch.utils.data.DataLoader(
-        [{**item, "label": -1} for item in fake_loader(size=16).dataset], batch_size=8
-    )
+    dataset = fake_loader(size=16).dataset
+    loader = torch.utils.data.DataLoader([{**dataset[i], "label": -1} for i in range(len(dataset))], batch_size=8)
     model.configure_model()
     before = model.probe.weight.clone()
     trainer.fit(model, loader)

@@ -182,7 +182,7 @@ class SSLMethod(L.LightningModule):
         if dataloader_idx == 0 and self.probe is not None and (labels >= 0).any():
             labelled = labels >= 0
             self.val_probe_top1(self.probe(out["feats"][labelled]), labels[labelled])
-            self.log("val/probe_top1", self.val_probe_top1, add_dataloader_idx=False)
+            self.log("val/probe_top1", self.val_probe_top1, prog_bar=True, add_dataloader_idx=False)
         return {**out, "label": labels, "index": batch["index"]}
 
     def optimizer_step(self, *args, **kwargs) -> None:
