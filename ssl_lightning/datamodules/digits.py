@@ -12,7 +12,6 @@ from torchvision.transforms.v2 import functional as F
 
 from ssl_lightning.datamodules.base import Split, ViewDataModule
 from ssl_lightning.datamodules.sources import TensorImages, channel_stats
-from ssl_lightning.datamodules.views import ViewSpec
 
 STORED_SIZE = 32  # 8x8 is too small for strided backbones and random crops; upsampled once, not per view
 
@@ -38,18 +37,6 @@ class Digits(ViewDataModule):
     """scikit-learn's `load_digits` (UCI optical digits): 10 classes, 1,437 train / 360 validation
     images, grayscale 0..16 values scaled to uint8 and upsampled once to 32x32 (bilinear).
     mean/std are computed from the training split."""
-
-    def __init__(
-        self,
-        batch_size: int = 256,
-        num_workers: int = 2,
-        views: str | list[ViewSpec] = "simclr",
-        image_size: int | None = None,
-        drop_last: bool = True,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-    ) -> None:
-        super().__init__(batch_size, num_workers, views, image_size, drop_last, pin_memory, persistent_workers)
 
     @cached_property
     def _splits(self) -> dict[str, TensorImages]:

@@ -13,7 +13,6 @@ from ssl_lightning.datamodules.image_files import (
     list_image_folder,
 )
 from ssl_lightning.datamodules.sources import channel_stats, evenly_spaced
-from ssl_lightning.datamodules.views import ViewSpec
 
 STATS_SAMPLE = 512  # files decoded to estimate mean/std: large images make each one costly
 DEFAULT_IMAGE_SIZE = 224  # files have no common size; ImageNet's convention
@@ -39,14 +38,9 @@ class ImageFolder(ViewDataModule):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         skip_corrupt: bool = False,
-        batch_size: int = 256,
-        num_workers: int = 2,
-        views: str | list[ViewSpec] = "simclr",
-        drop_last: bool = True,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size, num_workers, views, image_size, drop_last, pin_memory, persistent_workers)
+        super().__init__(image_size=image_size, **kwargs)
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3 for image files, got {in_chans}")
         if (mean is None) != (std is None):

@@ -12,7 +12,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from ssl_lightning.datamodules.base import Split, ViewDataModule
 from ssl_lightning.datamodules.sources import JpegBytesImages, TensorImages, channel_stats, evenly_spaced
-from ssl_lightning.datamodules.views import ViewSpec
 
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 JPEG_KEYS = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels")
@@ -116,15 +115,9 @@ class NpzArrays(ViewDataModule):
         path: str,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
-        batch_size: int = 256,
-        num_workers: int = 2,
-        views: str | list[ViewSpec] = "simclr",
-        image_size: int | None = None,
-        drop_last: bool = True,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size, num_workers, views, image_size, drop_last, pin_memory, persistent_workers)
+        super().__init__(**kwargs)
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither (then both are estimated from the data)")
         self.path = Path(path).expanduser()

@@ -14,7 +14,6 @@ import torchvision
 
 from ssl_lightning.datamodules.base import Split, ViewDataModule
 from ssl_lightning.datamodules.sources import TensorImages
-from ssl_lightning.datamodules.views import ViewSpec
 
 
 def open_torchvision_dataset(cls: type, data_dir: str, download: bool, **kwargs) -> torchvision.datasets.VisionDataset:
@@ -43,15 +42,9 @@ class _TorchvisionDataModule(ViewDataModule):
         self,
         data_dir: str = "data",
         download: bool = True,
-        batch_size: int = 256,
-        num_workers: int = 2,
-        views: str | list[ViewSpec] = "simclr",
-        image_size: int | None = None,
-        drop_last: bool = True,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__(batch_size, num_workers, views, image_size, drop_last, pin_memory, persistent_workers)
+        super().__init__(**kwargs)
         self.data_dir = data_dir
         self.download = download
         self._opened: dict[str, torchvision.datasets.VisionDataset] = {}
@@ -138,17 +131,9 @@ class STL10(_TorchvisionDataModule):
         data_dir: str = "data",
         download: bool = True,
         train_split: str = "train+unlabeled",
-        batch_size: int = 256,
-        num_workers: int = 2,
-        views: str | list[ViewSpec] = "simclr",
-        image_size: int | None = None,
-        drop_last: bool = True,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            data_dir, download, batch_size, num_workers, views, image_size, drop_last, pin_memory, persistent_workers
-        )
+        super().__init__(data_dir, download, **kwargs)
         valid = ("train+unlabeled", "train", "unlabeled")
         if train_split not in valid:
             raise ValueError(f"STL10 train_split must be one of {valid}, got {train_split!r}")
