@@ -24,7 +24,7 @@ from ssl_lightning.callbacks import KNNReport
 from ssl_lightning.cli import SSLCLI
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_RESNET = '{"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "stem_width": 32}'
+SMALL_RESNET = '{"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256]}'
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict:

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, Dataset
 
 TINY_BACKBONE = {
     "backbone": "resnet18",
-    "backbone_kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8},
+    "backbone_kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]},
     "cifar_stem": True,
 }
 

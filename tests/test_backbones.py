@@ -14,7 +14,7 @@ def test_timm_resnet_with_cifar_stem_and_one_channel():
 
 
 def test_timm_kwargs_build_a_small_resnet():
-    model = build_backbone("resnet18", kwargs={"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8})
+    model = build_backbone("resnet18", kwargs={"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]})
     assert feature_dim(model) == 64
     assert len(model.layer1) == 1
 
