@@ -1,15 +1,23 @@
-"""``python -m ssl_lightning {fit,validate,test,predict,list} ...``: LightningCLI with short names."""
+"""``python -m ssl_lightning {fit,validate,test,predict,list,export} ...``: LightningCLI with short names."""
 
 from __future__ import annotations
 
 import sys
+from typing import Any, Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from ssl_lightning import callbacks as callbacks_module
 from ssl_lightning import datamodules as datamodules_module
-from ssl_lightning.methods import METHODS
+from ssl_lightning.export import export_command
+from ssl_lightning.callbacks.preemption import SaveOnInterrupt
+from ssl_lightning.checkpoint_io import AtomicCheckpointIO
+from ssl_lightning.methods import EVALUATIONS, METHODS
+from ssl_lightning.runs import find_resume_checkpoint, run_dir, step_checkpoint
 
 DATA_LINKS = ("batch_size", "num_classes", "in_chans", "image_size")
 
@@ -33,11 +41,12 @@ class SSLArgumentParser(LightningArgumentParser):
 def _unknown_name_hint(message: str) -> str:
     about_class = any(f'key "{key}"' in message for key in ("model", "data"))
     unresolved = ("import path", "not a subclass", "does not correspond to a subclass", "class_path")
-    if not (about_class and any(marker in message.lower() for marker in unresolved)):
+    # A known class with a missing required argument (LinearProbe's pretrained) is not an unknown name.
+    if "arguments are required" in message or not (about_class and any(m in message.lower() for m in unresolved)):
         return ""
     return (
         "\n\nssl_lightning: unknown class name. Valid short names:\n"
-        f"  model: {', '.join(METHODS)}\n"
+        f"  model: {', '.join([*METHODS, *EVALUATIONS])}\n"
         f"  data:  {', '.join(datamodule_classes())}\n"
         "or give a full class path (e.g. my_package.MyMethod). `python -m ssl_lightning list` shows them all."
     )
@@ -45,7 +54,14 @@ def _unknown_name_hint(message: str) -> str:
 
 class SSLCLI(LightningCLI):
     """LightningCLI with the optimizer as a method argument (``auto_configure_optimizers=False``)
-    and the DataModule's batch size, classes, channels and image size linked into the method."""
+    and the DataModule's batch size, classes, channels and image size linked into the method.
+
+    Runs (docs/reliability.md): with ``run_name`` set, the run lives in ``<root>/<run_name>``,
+    step checkpoints go to its ``checkpoints/`` folder, and ``fit`` resumes from the newest
+    loadable checkpoint there when no ``ckpt_path`` is given. Every checkpoint is written
+    atomically (:class:`AtomicCheckpointIO`), SIGTERM and Ctrl-C save one
+    (:class:`SaveOnInterrupt`), and ``fit`` loads checkpoints with ``weights_only=True``.
+    """
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("model_class", L.LightningModule)
@@ -61,6 +77,61 @@ class SSLCLI(LightningCLI):
             parser.link_arguments(
                 "data", f"model.init_args.{key}", compute_fn=_attribute_reader(key), apply_on="instantiate"
             )
+        parser.add_argument(
+            "--run_name", type=Optional[str], default=None,
+            help="Name of the run: it lives in <root>/<run_name> (overriding trainer.default_root_dir), and "
+            "rerunning `fit` with the same name resumes from its newest checkpoint.",
+        )
+        parser.add_argument("--root", type=str, default="runs", help="Folder that holds the runs.")
+        parser.add_argument(
+            "--checkpoint_every_n_steps", type=Optional[int], default=None,
+            help="Save a step checkpoint every N optimizer steps (the last two and last.ckpt are kept); "
+            "None: at the end of each epoch. Needs run_name.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self._subcommand_config()
+        if config.get("run_name") is None:
+            if config.get("checkpoint_every_n_steps") is not None:
+                raise ValueError("checkpoint_every_n_steps needs run_name: name the run (--run_name NAME).")
+            return
+        run = run_dir(config.root, config.run_name)
+        config.trainer.default_root_dir = str(run)
+        if self.subcommand == "fit" and config.get("ckpt_path") is None:
+            point = find_resume_checkpoint(run)
+            if point is not None:
+                config.ckpt_path = str(point.path)
+                rank_zero_info(
+                    f"Run '{config.run_name}': resuming from {point.path} (step {point.step}, epoch {point.epoch})."
+                )
+        if self.subcommand == "fit" and config.get("weights_only") is None:
+            config.weights_only = True
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self._subcommand_config()
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        plugins = _as_list(kwargs.get("plugins", trainer_config.get("plugins")))
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        callbacks = _as_list(kwargs.get("callbacks", trainer_config.get("callbacks")))
+        wants_checkpoints = trainer_config.get("enable_checkpointing") is not False
+        if config.get("run_name") is not None and wants_checkpoints and not any(
+            isinstance(callback, ModelCheckpoint) for callback in callbacks
+        ):
+            run = run_dir(config.root, config.run_name)
+            callbacks.append(step_checkpoint(run, config.get("checkpoint_every_n_steps")))
+        if not any(isinstance(callback, SaveOnInterrupt) for callback in callbacks):
+            callbacks.append(SaveOnInterrupt())
+        return super().instantiate_trainer(**{**kwargs, "plugins": plugins, "callbacks": callbacks})
+
+    def _subcommand_config(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _attribute_reader(key: str):
@@ -73,6 +144,8 @@ def _attribute_reader(key: str):
 def print_registry() -> None:
     lines = ["Methods (model: <name>):"]
     lines += [f"  {name:<16} {_first_doc_line(cls)}" for name, cls in METHODS.items()]
+    lines.append("Evaluations of a checkpoint (model: <name>, model.pretrained: <ckpt>):")
+    lines += [f"  {name:<16} {_first_doc_line(cls)}" for name, cls in EVALUATIONS.items()]
     lines.append("DataModules (data: <name>):")
     lines += [f"  {name:<16} {_first_doc_line(cls)}" for name, cls in datamodule_classes().items()]
     lines.append("View presets (data.views: <name>):")
@@ -91,5 +164,8 @@ def main(args: list[str] | None = None) -> SSLCLI | None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["list"]:
         print_registry()
+        return None
+    if argv[:1] == ["export"]:
+        export_command(argv[1:])
         return None
     return SSLCLI(args=args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -33,3 +35,17 @@ class FakeViews(Dataset):
 
 def fake_loader(batch_size: int = 8, **kwargs) -> DataLoader:
     return DataLoader(FakeViews(**kwargs), batch_size=batch_size)
+
+
+def tiny_fit_args(run_name: str, max_epochs: int, *extra: str) -> list[str]:
+    """CLI arguments of a 3-step-per-epoch tiny SimCLR fit on Digits, a step checkpoint each step."""
+    return [
+        "fit", "--model", "SimCLR", "--data", "Digits", "--data.batch_size", "32", "--data.num_workers", "0",
+        "--model.init_args.backbone_kwargs", json.dumps(TINY_BACKBONE["backbone_kwargs"]),
+        "--model.init_args.cifar_stem", "true", "--model.init_args.proj_hidden_dim", "32",
+        "--model.init_args.proj_dim", "16", "--model.init_args.optimizer", "adamw", "--model.init_args.lr", "1e-3",
+        "--trainer.accelerator", "cpu", "--trainer.max_epochs", str(max_epochs),
+        "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--run_name", run_name, "--checkpoint_every_n_steps", "1", *extra,
+    ]

@@ -6,7 +6,7 @@ import pytest
 from lightning.pytorch.cli import LightningCLI
 
 from ssl_lightning.cli import SSLCLI, main
-from ssl_lightning.methods import METHODS
+from ssl_lightning.methods import EVALUATIONS, METHODS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
@@ -19,11 +19,13 @@ def instantiate(*args: str) -> LightningCLI:
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_instantiates(config):
-    # Partial configs (logger/, strategy/) are layered on top of the quickstart recipe.
+    # Partial configs (logger/, strategy/, predict/, eval/) are layered on top of the quickstart recipe.
     layers = [QUICKSTART, config] if config.parent != CONFIGS and config.parent.name not in ("cifar10",) else [config]
     args = [arg for layer in layers for arg in ("--config", str(layer))]
+    if config.parent.name == "eval":  # evaluations need a checkpoint, read only when the run starts
+        args += ["--model.pretrained", "method.ckpt"]
     cli = instantiate(*args)
-    assert type(cli.model).__name__ in METHODS
+    assert type(cli.model).__name__ in {**METHODS, **EVALUATIONS}
     assert cli.model.hparams.batch_size == cli.datamodule.batch_size  # linked from the DataModule
     assert cli.model.hparams.in_chans == cli.datamodule.in_chans
 

@@ -1,6 +1,24 @@
 """Callbacks that watch representation quality."""
 
+from ssl_lightning.callbacks.embedding_writer import EmbeddingWriter
 from ssl_lightning.callbacks.knn import KNNCallback, knn_accuracy, knn_scores
 from ssl_lightning.callbacks.knn_report import KNNReport
+from ssl_lightning.callbacks.preemption import SaveOnInterrupt
+from ssl_lightning.callbacks.plots import EmbeddingPlotCallback
+from ssl_lightning.callbacks.rankme import SpectrumCallback
+from ssl_lightning.callbacks.spectrum import alpha_req, effective_rank, rankme, singular_values
 
-__all__ = ["KNNCallback", "KNNReport", "knn_accuracy", "knn_scores"]
+__all__ = [
+    "EmbeddingPlotCallback",
+    "EmbeddingWriter",
+    "KNNCallback",
+    "KNNReport",
+    "SaveOnInterrupt",
+    "SpectrumCallback",
+    "alpha_req",
+    "effective_rank",
+    "knn_accuracy",
+    "knn_scores",
+    "rankme",
+    "singular_values",
+]

@@ -9,6 +9,8 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_lightning.datamodules.device_batches import FixedSizeImages, make_views_on_device
+from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.sources import ImageSource
 from ssl_lightning.datamodules.views import (
     MultiViewTransform,
@@ -54,6 +56,9 @@ class ViewDataModule(L.LightningDataModule, ABC):
         drop_last: drop the last incomplete training batch.
         pin_memory: DataLoader pin_memory (useful with a GPU).
         persistent_workers: keep workers alive between epochs (only applies when num_workers > 0).
+        view_device: where training views are drawn: "cpu" (per image, torchvision, in the workers)
+            or "device" (the loader yields uint8 `image` at image_size and `on_after_batch_transfer`
+            draws the views batched on the accelerator; see docs/device_views.md).
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
         drop_last: bool = True,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        view_device: Literal["cpu", "device"] = "cpu",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -75,6 +81,8 @@ class ViewDataModule(L.LightningDataModule, ABC):
             raise ValueError(f"image_size must be positive or None, got {image_size}")
         if isinstance(views, str):
             check_preset_name(views)
+        if view_device not in ("cpu", "device"):
+            raise ValueError(f"view_device must be 'cpu' or 'device', got {view_device!r}")
         self._batch_size = batch_size
         self.num_workers = num_workers
         self.views = views
@@ -82,6 +90,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
         self.drop_last = drop_last
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        self.view_device = view_device
         self._knn_bank_requested = False
         self._datasets: dict[Split, ViewDataset | None] = {}
 
@@ -112,6 +121,9 @@ class ViewDataModule(L.LightningDataModule, ABC):
     def _load_images(self, split: Split) -> ImageSource | None:
         """Raw images of a split; None only for an optional validation split that is absent."""
 
+    #: the split ``predict_dataloader`` serves; the EmbeddingWriter callback sets it
+    predict_split: Literal["train", "val"] = "val"
+
     # What methods and callbacks read.
 
     @property
@@ -141,7 +153,11 @@ class ViewDataModule(L.LightningDataModule, ABC):
         if stage == "fit":
             train = self._checked_images("train")
             self._check_batch_fits(len(train))
-            self._datasets["train"] = ViewDataset(train, MultiViewTransform(self.view_specs, self.mean, self.std))
+            if self.view_device == "device":
+                self.device_views = DeviceViews(self.view_specs, self.mean, self.std)
+                self._datasets["train"] = FixedSizeImages(train, self.image_size)
+            else:
+                self._datasets["train"] = ViewDataset(train, MultiViewTransform(self.view_specs, self.mean, self.std))
         if stage in ("fit", "validate"):
             val = self._load_images("val")
             self._datasets["val"] = None if val is None else self._plain_dataset(self._require_images(val, "val"))
@@ -158,6 +174,27 @@ class ViewDataModule(L.LightningDataModule, ABC):
         if "bank" not in self._datasets:  # built here: callbacks request the bank after setup
             self._datasets["bank"] = self._plain_dataset(self._checked_images("bank"))
         return [self._loader(val, train=False), self._loader(self._datasets["bank"], train=False)]
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Only training batches carry `image`; validation, kNN-bank and predict batches already hold
+        # the CPU's un-augmented view.
+        if self.view_device == "device" and self.trainer is not None and self.trainer.training and "image" in batch:
+            return make_views_on_device(batch, self.device_views)
+        return batch
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.plain_dataloader(self.predict_split)
+
+    def plain_dataloader(self, split: Literal["train", "val"]) -> DataLoader:
+        """The un-augmented train or val split in dataset order (predictions, frozen-feature evaluation)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        # The training split through the plain view is the kNN bank's dataset. Built here rather than
+        # in setup: callbacks (EmbeddingWriter) choose the split in their setup, which runs after ours.
+        key: Split = "bank" if split == "train" else "val"
+        if self._datasets.get(key) is None:
+            self._datasets[key] = self._plain_dataset(self._checked_images(key))
+        return self._loader(self._datasets[key], train=False)
 
     # Internals.
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -50,6 +51,10 @@ class SSLMethod(L.LightningModule):
         probe_lr: learning rate (per 256 images) of the online linear probe on detached features.
         channels_last: store convolution weights channels-last (NHWC), which PyTorch's CPU and
             tensor-core kernels run faster; outputs are unchanged.
+        on_nonfinite_loss: what a NaN/inf loss on any rank does: "raise" stops the run with an
+            error naming the step and the loss terms (no checkpoint is written for that state);
+            "skip" drops the batch with a warning: no backward, so no weight changes (Lightning
+            still counts the step and advances the LR schedule); single process only.
     """
 
     #: number of views ``shared_step`` consumes: an int, or (min, max) for multi-crop methods
@@ -79,8 +84,11 @@ class SSLMethod(L.LightningModule):
         anneal_steps: int = 0,
         probe_lr: float = 0.1,
         channels_last: bool = False,
+        on_nonfinite_loss: Literal["raise", "skip"] = "raise",
     ):
         super().__init__()
+        if on_nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
         custom_backbone = isinstance(backbone, nn.Module)
         self.save_hyperparameters(ignore=["backbone"] if custom_backbone else None)
         self._custom_backbone = backbone if custom_backbone else None
@@ -95,6 +103,12 @@ class SSLMethod(L.LightningModule):
 
     # ----------------------------------------------------------------- building
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.on_nonfinite_loss == "skip" and self.trainer.world_size > 1:
+            # Lightning refuses a training_step that returns None under DDP (the gradient all-reduce).
+            raise ValueError(
+                f"{type(self).__name__}: on_nonfinite_loss='skip' works on a single process only, but this run has "
+                f"{self.trainer.world_size} processes. Use on_nonfinite_loss='raise' (the default) and resume."
+            )
         facts = read_data_facts(self.trainer)
         if facts is not None:
             self._adopt_data_facts(facts)
@@ -150,10 +164,14 @@ class SSLMethod(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         require_views(batch, type(self).__name__)
         out = self.shared_step(batch)
         loss = out["loss"]
+        # Decided on all ranks together, so that every rank stops at the same step (no rank left
+        # waiting in DDP's gradient all-reduce).
+        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            return self._nonfinite_loss(out)
         batch_size = batch["views"][0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         for name, value in out.items():
@@ -162,6 +180,23 @@ class SSLMethod(L.LightningModule):
         if self.probe is not None and "feats" in out:
             loss = loss + self._probe_step(out["feats"].detach(), batch["label"])
         return loss
+
+    def _nonfinite_loss(self, out: dict[str, torch.Tensor]) -> None:
+        terms = ", ".join(
+            f"{name}={float(value.detach()):.6g}" for name, value in out.items() if name == "loss" or name.startswith("loss/")
+        )
+        where = f"step {self.trainer.global_step} (epoch {self.current_epoch})"
+        if self.hparams.on_nonfinite_loss == "skip":
+            rank_zero_warn(f"{type(self).__name__}: non-finite loss at {where} ({terms}); step skipped.")
+            return None
+        callback = self.trainer.checkpoint_callback
+        kept = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        raise FloatingPointError(
+            f"{type(self).__name__}: non-finite loss at {where} on this or another rank ({terms}). "
+            + (f"The last good checkpoint, {kept}, is kept. " if kept else "")
+            + "Lower the learning rate or add warm-up, check the inputs for NaN, or set "
+            "model.init_args.on_nonfinite_loss=skip to drop such steps."
+        )
 
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labelled = labels >= 0
@@ -202,6 +237,21 @@ class SSLMethod(L.LightningModule):
             self.optimization, nn.ModuleList(student), probe_params, self.trainer,
             self.hparams.batch_size or read_batch_size(self.trainer),
         )
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        require_views(batch, type(self).__name__)
+        return {**self.embed(batch["views"][0]), "label": batch["label"], "index": batch["index"]}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Export and offline evaluation need the input the backbone was trained on, which the
+        # DataModule knows but the method's hyperparameters do not (mean, std).
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if datamodule is not None:
+            checkpoint["data_facts"] = {
+                key: list(value) if isinstance(value, tuple) else value
+                for key in ("in_chans", "image_size", "mean", "std")
+                if (value := getattr(datamodule, key, None)) is not None
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # load_from_checkpoint builds the modules; a resumed Trainer run has built them already.

@@ -1,0 +1,185 @@
+"""Device-side views: a view recipe applied to a uint8 batch after transfer, per-sample parameters.
+
+`DeviceViews(specs, mean, std)(images)` does what `MultiViewTransform` does per image on the CPU,
+for a whole BxCxHxW uint8 batch at once: random resized crop (torchvision's rejection sampling),
+horizontal flip, colour jitter in a random order per sample, grayscale, Gaussian blur, solarize,
+then normalisation. Parameters come from `device_params` (torchvision v2's distributions); the
+only loops are over views and the four jitter slots, never over images.
+
+Differences from the CPU pipeline (measured in docs/device_views.md):
+- crop + resize is bilinear sampling of an affine grid (`grid_sample`), which equals torchvision's
+  `resized_crop(antialias=False)`; torchvision's CPU path uses an antialiased resize when it shrinks;
+- every op runs in float32 on [0, 1], whereas the CPU path rounds to uint8 after each op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_lightning.datamodules.device_params import (
+    sample_crop_boxes,
+    sample_jitter,
+    sample_mask,
+    sample_sigma,
+)
+from ssl_lightning.datamodules.views import ViewSpec, blur_kernel_size
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+SOLARIZE_THRESHOLD = 128 / 255  # the CPU recipe's uint8 threshold 128 on the [0, 1] scale
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinear crop of (top, left, h, w) boxes resized to size x size; `flip` mirrors horizontally.
+
+    Output pixel centre u samples source x = left + (u + 0.5) * w / size - 0.5, exactly the
+    sampling of `interpolate(align_corners=False)` on the cropped image; clamping the grid to the
+    box's outer pixel centres reproduces its edge clamping (crop first, then resize). The flip is
+    folded into the grid (a negated x scale), so it costs nothing.
+    """
+    n, _, height, width = images.shape
+    top, left, h, w = boxes.to(images.dtype).unbind(1)
+    theta = images.new_zeros(n, 2, 3)
+    theta[:, 0, 0] = w / width
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    if flip is not None:
+        theta[:, 0, 0] = torch.where(flip, -theta[:, 0, 0], theta[:, 0, 0])
+    grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
+    low = torch.stack([(2 * left + 1) / width, (2 * top + 1) / height], dim=1) - 1
+    high = torch.stack([(2 * (left + w) - 1) / width, (2 * (top + h) - 1) / height], dim=1) - 1
+    grid = grid.clamp(low.view(n, 1, 1, 2), high.view(n, 1, 1, 2))
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def to_gray(images: torch.Tensor) -> torch.Tensor:
+    if images.shape[1] == 1:
+        return images
+    weights = images.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
+    return (images * weights).sum(1, keepdim=True)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * images + (1 - factor) * other).clamp_(0, 1)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (images * factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(images, to_gray(images).mean((1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    if images.shape[1] == 1:  # torchvision: a no-op on one channel
+        return images
+    return _blend(images, to_gray(images), factor)
+
+
+def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's hue shift, exact: to HSV, add `factor` to the hue (mod 1), back to RGB."""
+    if images.shape[1] == 1:  # torchvision: a no-op on one channel
+        return images
+    r, g, b = images.unbind(1)
+    value, low = images.amax(1), images.amin(1)
+    spread = value - low
+    safe_spread = torch.where(spread > 0, spread, torch.ones_like(spread))  # grey pixels keep hue 0
+    hue = torch.where(
+        value == r, (g - b) / safe_spread, torch.where(value == g, 2 + (b - r) / safe_spread, 4 + (r - g) / safe_spread)
+    )
+    hue = torch.where(spread > 0, hue, torch.zeros_like(hue))
+    hue = (hue / 6 + 1 + factor.view(-1, 1, 1)).remainder(1)
+    saturation = spread / torch.where(value > 0, value, torch.ones_like(value))
+    # HSV -> RGB in closed form: channel n (5, 3, 1 for R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1),
+    # k = (n + 6 h) mod 6; the same values as the six-sector table torchvision uses.
+    offsets = images.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    k = (offsets + 6 * hue.unsqueeze(1)).remainder(6)
+    weight = torch.minimum(k, 4 - k).clamp(0, 1)
+    return (value.unsqueeze(1) * (1 - saturation.unsqueeze(1) * weight)).clamp_(0, 1)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Applies op order[i, k] with factors[i, op] in slot k. Each slot runs each op once on the
+    samples that drew it, so the work is four ops over the batch whatever the orders."""
+    out = images.clone()
+    for slot in range(4):
+        for op_index, op in enumerate(JITTER_OPS):
+            chosen = (order[:, slot] == op_index).nonzero().squeeze(1)
+            if len(chosen):
+                out[chosen] = op(out[chosen], factors[chosen, op_index])
+    return out
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Per-sample Gaussian blur: separable grouped convolutions, reflect padding (as torchvision)."""
+    n, c, h, w = images.shape
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma.view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, k)
+    pad = kernel_size // 2
+    flat = F.pad(images.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    flat = F.conv2d(flat, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    flat = F.conv2d(flat, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+def solarize(images: torch.Tensor) -> torch.Tensor:
+    return torch.where(images >= SOLARIZE_THRESHOLD, 1 - images, images)
+
+
+def augment(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One view per image of `images` (float in [0, 1]) drawn with `spec`; un-normalised."""
+    n, _, height, width = images.shape
+    kw = {"device": images.device, "generator": generator}
+    boxes = sample_crop_boxes(n, height, width, spec.crop_scale, **kw)
+    out = crop_resize(images, boxes, spec.crop_size, sample_mask(n, spec.flip_p, **kw))
+    if spec.jitter_p > 0:
+        factors, order = sample_jitter(n, spec.brightness, spec.contrast, spec.saturation, spec.hue, **kw)
+        applied = sample_mask(n, spec.jitter_p, **kw).nonzero().squeeze(1)
+        if len(applied):
+            out[applied] = color_jitter(out[applied], factors[applied], order[applied])
+    if spec.grayscale_p > 0 and out.shape[1] == 3:
+        out = torch.where(sample_mask(n, spec.grayscale_p, **kw).view(-1, 1, 1, 1), to_gray(out).expand_as(out), out)
+    if spec.blur_p > 0:
+        sigma = sample_sigma(n, spec.blur_sigma, **kw)
+        applied = sample_mask(n, spec.blur_p, **kw).nonzero().squeeze(1)
+        if len(applied):  # a grouped convolution over zero channels is an error
+            out[applied] = gaussian_blur(out[applied], sigma[applied], blur_kernel_size(spec.crop_size))
+    if spec.solarize_p > 0:
+        out = torch.where(sample_mask(n, spec.solarize_p, **kw).view(-1, 1, 1, 1), solarize(out), out)
+    return out
+
+
+class DeviceViews(nn.Module):
+    """A resolved view recipe as a batched module: uint8 BxCxHxW in, the recipe's views out
+    (a list of float BxCxSxS tensors, normalised, in recipe order like `MultiViewTransform`)."""
+
+    def __init__(self, specs: list[ViewSpec], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        for spec in specs:
+            if spec.crop_size is None or not spec.augments:
+                raise ValueError(f"DeviceViews needs resolved, augmenting specs (see resolve_views); got {spec}")
+        self.specs = list(specs)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise TypeError(f"DeviceViews expects a uint8 BxCxHxW batch, got {images.dtype} {tuple(images.shape)}")
+        pixels = images.float().div_(255)
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        views = []
+        for spec in self.specs:
+            # All views of one spec in one batched call; they split back in recipe order.
+            drawn = augment(pixels.repeat(spec.num, 1, 1, 1), spec, generator)
+            views += list(((drawn - mean) / std).chunk(spec.num))
+        return views

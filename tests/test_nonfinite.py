@@ -1,0 +1,89 @@
+"""A NaN/inf loss stops the run with an error that names where and what, or skips the step."""
+
+import lightning as L
+import pytest
+import torch
+
+from fakes import TINY_BACKBONE, fake_loader
+from ssl_lightning.methods import SimCLR
+from ssl_lightning.runs import step_checkpoint
+
+
+class NaNAtStep(SimCLR):
+    """SimCLR whose loss turns NaN at one optimizer step, with two named terms."""
+
+    def __init__(self, bad_step: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.bad_step = bad_step
+
+    def shared_step(self, batch: dict) -> dict:
+        out = super().shared_step(batch)
+        if self.trainer.global_step == self.bad_step:
+            out["loss"] = out["loss"] * float("nan")
+        return {**out, "loss/align": out["loss"].detach(), "loss/uniform": torch.tensor(0.5)}
+
+
+def make(cls: type = NaNAtStep, **kwargs) -> NaNAtStep:
+    return cls(**TINY_BACKBONE, proj_hidden_dim=32, proj_dim=16, optimizer="adamw", lr=1e-3,
+                     in_chans=1, batch_size=8, **kwargs)
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     max_epochs=1, callbacks=[step_checkpoint(tmp_path, every_n_train_steps=1)], **kwargs)
+
+
+def test_nonfinite_loss_raises_naming_step_method_and_terms(tmp_path):
+    model = make()
+    with pytest.raises(FloatingPointError) as error:
+        trainer(tmp_path).fit(model, fake_loader(batch_size=8, length=32))
+    message = str(error.value)
+    assert "NaNAtStep: non-finite loss at step 2 (epoch 0)" in message
+    assert "loss=nan" in message and "loss/align=nan" in message and "loss/uniform=0.5" in message
+    assert "last.ckpt" in message and "on_nonfinite_loss=skip" in message
+    kept = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert kept["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_skip_drops_the_step_and_training_goes_on(tmp_path):
+    model = make(on_nonfinite_loss="skip")
+    fit = trainer(tmp_path)
+    with pytest.warns(UserWarning, match=r"non-finite loss at step 2 .*step skipped"):
+        fit.fit(model, fake_loader(batch_size=8, length=40))
+    # Lightning still counts the step (and moves the LR schedule on); no gradient reached the weights.
+    assert fit.global_step == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="on_nonfinite_loss must be 'raise' or 'skip'"):
+        make(on_nonfinite_loss="ignore")
+
+
+class NaNOnRankOne(NaNAtStep):
+    """NaN on rank 1 only: without a joint decision rank 0 would wait in DDP's all-reduce forever."""
+
+    def shared_step(self, batch: dict) -> dict:
+        out = super().shared_step(batch)
+        if self.global_rank == 0:
+            out["loss"] = torch.nan_to_num(out["loss"], nan=1.0)
+        return out
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_nan_on_one_rank_stops_every_rank(tmp_path):
+    model = make(NaNOnRankOne, bad_step=1)
+    fit = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(Exception, match=r"NaNOnRankOne: non-finite loss at step 1 .*on this or another rank"):
+        fit.fit(model, fake_loader(batch_size=8, length=64))
+
+
+def test_skip_is_refused_with_several_processes():
+    model = make(on_nonfinite_loss="skip")
+    model.trainer = type("FakeTrainer", (), {"world_size": 2})()
+    with pytest.raises(ValueError, match="single process only, but this run has 2 processes"):
+        model.setup("fit")
