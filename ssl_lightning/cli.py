@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -52,6 +53,16 @@ def _unknown_name_hint(message: str) -> str:
     )
 
 
+class SaveAndUploadConfig(SaveConfigCallback):
+    """Saves ``config.yaml`` in the run directory (Lightning's behaviour) and also uploads the whole
+    resolved config to W&B as the run's config, so a run can be reproduced from its page alone
+    (the method's hyperparameters alone miss the data, trainer and callbacks)."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(trainer.logger, WandbLogger):
+            trainer.logger.experiment.config.update({"cli": self.config.as_dict()}, allow_val_change=True)
+
+
 class SSLCLI(LightningCLI):
     """LightningCLI with the optimizer as a method argument (``auto_configure_optimizers=False``)
     and the DataModule's batch size, classes, channels and image size linked into the method.
@@ -69,6 +80,7 @@ class SSLCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_callback", SaveAndUploadConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, parser_class=SSLArgumentParser, **kwargs)
 

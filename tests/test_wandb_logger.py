@@ -66,3 +66,25 @@ def test_netrc_key_counts_as_a_key(tmp_path, monkeypatch, no_wandb_credentials):
     assert loggers.has_api_key("api.wandb.ai")
     assert not loggers.has_api_key("other.example")
 
+
+
+@pytest.mark.timeout(120)
+def test_cli_uploads_the_resolved_config_to_the_wandb_run(tmp_path, no_wandb_credentials):
+    from pathlib import Path
+
+    from ssl_lightning.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.warns(UserWarning, match="offline"):
+        cli = main([
+            "fit", "--config", str(configs / "quickstart.yaml"), "--config", str(configs / "logger" / "wandb.yaml"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path),
+        ])
+    try:
+        uploaded = dict(cli.trainer.logger.experiment.config)["cli"]
+        assert uploaded["model"]["init_args"]["temperature"] == 0.2
+        assert uploaded["data"]["class_path"].endswith("Digits") and uploaded["trainer"]["max_epochs"] == 1
+    finally:
+        cli.trainer.logger.experiment.finish()
