@@ -14,7 +14,6 @@ un-augmented training images; queries = the 10,000 test images.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import torch
 
 from ssl_lightning.callbacks import KNNReport
 from ssl_lightning.cli import SSLCLI
+
+from report import emit  # benchmarks/report.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_RESNET = '{"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256]}'
@@ -81,9 +82,7 @@ def main() -> None:
     }
     for method in args.methods:
         results["runs"].append(run_method(method, args))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+        emit(results, args.out)  # after each method, so a cut-short run keeps what it measured
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ so that most crops are shrunk, as on STL-10/ImageNet-sized data.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from ssl_lightning.datamodules import device_views as dv
 from ssl_lightning.datamodules.device_params import sample_crop_boxes, sample_jitter
+
+from report import emit  # benchmarks/report.py, beside this script
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpeg.npz"
 
@@ -87,11 +88,7 @@ def main() -> None:
         "crop_resize_96px_from_160px": crop_differences(large, 96, generator),
         "jitter_float_vs_uint8_rounding": jitter_rounding_difference(images, generator),
     }
-    text = json.dumps(results, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import platform
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 
 from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.views import MIN_SIZE_FOR_BLUR, MultiViewTransform, blur_kernel_size, resolve_views
+
+from report import emit  # benchmarks/report.py, beside this script
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -114,11 +115,7 @@ def main() -> None:
             row["kornia_batched"] = kornia_views_per_second(size, images, args.repeats, device)
         results["views_per_second"][f"{size}px"] = {name: round(value, 1) for name, value in row.items()}
 
-    text = json.dumps(results, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":
