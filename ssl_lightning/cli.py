@@ -16,6 +16,7 @@ from ssl_lightning import callbacks as callbacks_module
 from ssl_lightning import datamodules as datamodules_module
 from ssl_lightning.export import export_command
 from ssl_lightning.callbacks.preemption import SaveOnInterrupt
+from ssl_lightning.callbacks.random_states import RandomStates
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
 from ssl_lightning.methods import EVALUATIONS, METHODS
 from ssl_lightning.runs import find_resume_checkpoint, run_dir, step_checkpoint
@@ -71,7 +72,8 @@ class SSLCLI(LightningCLI):
     step checkpoints go to its ``checkpoints/`` folder, and ``fit`` resumes from the newest
     loadable checkpoint there when no ``ckpt_path`` is given. Every checkpoint is written
     atomically (:class:`AtomicCheckpointIO`), SIGTERM and Ctrl-C save one
-    (:class:`SaveOnInterrupt`), and ``fit`` loads checkpoints with ``weights_only=True``.
+    (:class:`SaveOnInterrupt`), checkpoints hold every process's RNG states (:class:`RandomStates`),
+    and ``fit`` loads checkpoints with ``weights_only=True``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -132,8 +134,9 @@ class SSLCLI(LightningCLI):
         ):
             run = run_dir(config.root, config.run_name)
             callbacks.append(step_checkpoint(run, config.get("checkpoint_every_n_steps")))
-        if not any(isinstance(callback, SaveOnInterrupt) for callback in callbacks):
-            callbacks.append(SaveOnInterrupt())
+        for always_on in (SaveOnInterrupt, RandomStates):
+            if not any(isinstance(callback, always_on) for callback in callbacks):
+                callbacks.append(always_on())
         return super().instantiate_trainer(**{**kwargs, "plugins": plugins, "callbacks": callbacks})
 
     def _subcommand_config(self):

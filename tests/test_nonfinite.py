@@ -46,13 +46,33 @@ def test_nonfinite_loss_raises_naming_step_method_and_terms(tmp_path):
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
 
 
+class WeightsAfterEachStep(L.Callback):
+    """Every parameter after each optimizer step, by global step; saved per rank at the end."""
+
+    def __init__(self, directory=None):
+        self.directory, self.weights = directory, {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.weights[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.directory is not None:
+            torch.save(self.weights, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_skip_drops_the_step_and_training_goes_on(tmp_path):
-    model = make(on_nonfinite_loss="skip")
+    model, weights = make(on_nonfinite_loss="skip"), WeightsAfterEachStep()
     fit = trainer(tmp_path)
+    fit.callbacks.append(weights)
     with pytest.warns(UserWarning, match=r"non-finite loss at step 2 .*step skipped"):
         fit.fit(model, fake_loader(batch_size=8, length=40))
-    # Lightning still counts the step (and moves the LR schedule on); no gradient reached the weights.
+    # Lightning still counts the step (and moves the LR schedule on); the weights did not move.
     assert fit.global_step == 5
+    assert same(weights.weights[3], weights.weights[2]) and not same(weights.weights[4], weights.weights[3])
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -82,8 +102,18 @@ def test_nan_on_one_rank_stops_every_rank(tmp_path):
         fit.fit(model, fake_loader(batch_size=8, length=64))
 
 
-def test_skip_is_refused_with_several_processes():
-    model = make(on_nonfinite_loss="skip")
-    model.trainer = type("FakeTrainer", (), {"world_size": 2})()
-    with pytest.raises(ValueError, match="single process only, but this run has 2 processes"):
-        model.setup("fit")
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_nan_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    model = make(NaNOnRankOne, bad_step=1, on_nonfinite_loss="skip")
+    fit = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    callbacks=[WeightsAfterEachStep(tmp_path)])
+    fit.fit(model, fake_loader(batch_size=8, length=64))
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for weights in ranks:
+        assert same(weights[2], weights[1])  # step 1 (NaN on rank 1 only) changed nothing on either rank
+        assert not same(weights[3], weights[2])
+        assert all(torch.isfinite(p).all() for p in weights[3])
+    assert same(ranks[0][3], ranks[1][3])

@@ -5,6 +5,7 @@ from ssl_lightning.callbacks.knn import KNNCallback, knn_accuracy, knn_scores
 from ssl_lightning.callbacks.knn_report import KNNReport
 from ssl_lightning.callbacks.preemption import SaveOnInterrupt
 from ssl_lightning.callbacks.plots import EmbeddingPlotCallback
+from ssl_lightning.callbacks.random_states import RandomStates
 from ssl_lightning.callbacks.rankme import SpectrumCallback
 from ssl_lightning.callbacks.spectrum import alpha_req, effective_rank, rankme, singular_values
 
@@ -13,6 +14,7 @@ __all__ = [
     "EmbeddingWriter",
     "KNNCallback",
     "KNNReport",
+    "RandomStates",
     "SaveOnInterrupt",
     "SpectrumCallback",
     "alpha_req",

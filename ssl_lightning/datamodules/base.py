@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from typing import Literal
 
 import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_lightning.datamodules.device_batches import FixedSizeImages, make_views_on_device
 from ssl_lightning.datamodules.device_views import DeviceViews
+from ssl_lightning.datamodules.sampling import ResumableDataLoader, SeededSampler, seeded_rng, split_seeded_item
 from ssl_lightning.datamodules.sources import ImageSource
 from ssl_lightning.datamodules.views import (
     MultiViewTransform,
@@ -31,15 +36,20 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        index, seed = split_seeded_item(item)  # training items carry their augmentation seed
         image, label = self.source[index]
-        return {"views": self.transform(image), "label": label, "index": index}
+        with seeded_rng(seed):
+            views = self.transform(image)
+        return {"views": views, "label": label, "index": index}
 
 
 class ViewDataModule(L.LightningDataModule, ABC):
     """Base DataModule: yields batches {"views": [BxCxHxW, ...], "label": B, "index": B}.
 
-    Training batches carry the recipe's views (global crops first, shuffled, `drop_last`);
+    Training batches carry the recipe's views (global crops first, shuffled, `drop_last`). Their
+    order and augmentations are functions of (seed, epoch, index) (see `sampling.py`), so a run
+    resumed from a mid-epoch checkpoint continues with exactly the batches it would have seen;
     validation batches carry one un-augmented view. After `request_knn_bank()` (the kNN callback
     calls it in its setup), `val_dataloader()` returns `[val, bank]`, the bank being the training
     split through the same un-augmented view, in order. Properties are readable right after
@@ -59,6 +69,8 @@ class ViewDataModule(L.LightningDataModule, ABC):
         view_device: where training views are drawn: "cpu" (per image, torchvision, in the workers)
             or "device" (the loader yields uint8 `image` at image_size and `on_after_batch_transfer`
             draws the views batched on the accelerator; see docs/device_views.md).
+        seed: seed of the training order and augmentations; None: the run's `seed_everything` seed,
+            or a fresh random one without it. Checkpoints store it, so a resumed run keeps its own.
     """
 
     def __init__(
@@ -71,6 +83,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         view_device: Literal["cpu", "device"] = "cpu",
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -91,8 +104,11 @@ class ViewDataModule(L.LightningDataModule, ABC):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.view_device = view_device
+        self.seed = seed
         self._knn_bank_requested = False
         self._datasets: dict[Split, ViewDataset | None] = {}
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_position: dict | None = None
 
     # What a subclass declares about its data.
 
@@ -163,17 +179,42 @@ class ViewDataModule(L.LightningDataModule, ABC):
             self._datasets["val"] = None if val is None else self._plain_dataset(self._require_images(val, "val"))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("train", "fit"), train=True)
+        dataset = self._dataset("train", "fit")
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = SeededSampler(len(dataset), world_size, rank, self._training_seed())
+        if self._resume_position is not None:
+            sampler.load_state_dict(self._resume_position)
+            self._resume_position = None
+        self._train_loader = ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            # Worker seeds from their own generator: loading never draws from the model's global RNG.
+            generator=torch.Generator().manual_seed(sampler.seed),
+            consumed_batches=self._consumed_train_batches,
+        )
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         val = self._dataset("val", "validate")
         if val is None:
             return []
         if not self._knn_bank_requested:
-            return self._loader(val, train=False)
+            return self._plain_loader(val)
         if "bank" not in self._datasets:  # built here: callbacks request the bank after setup
             self._datasets["bank"] = self._plain_dataset(self._checked_images("bank"))
-        return [self._loader(val, train=False), self._loader(self._datasets["bank"], train=False)]
+        return [self._plain_loader(val), self._plain_loader(self._datasets["bank"])]
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Device views seed their generator from the batch's first sample seed; reading it here, on
+        # the host, avoids a device sync after the transfer.
+        if isinstance(batch, dict) and isinstance(batch.get("seed"), torch.Tensor):
+            return {**batch, "seed": int(batch["seed"][0])}
+        return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Only training batches carry `image`; validation, kNN-bank and predict batches already hold
@@ -194,7 +235,31 @@ class ViewDataModule(L.LightningDataModule, ABC):
         key: Split = "bank" if split == "train" else "val"
         if self._datasets.get(key) is None:
             self._datasets[key] = self._plain_dataset(self._checked_images(key))
-        return self._loader(self._datasets[key], train=False)
+        return self._plain_loader(self._datasets[key])
+
+    # Where training stands in the data, saved in every checkpoint (Lightning saves and restores a
+    # DataModule's state_dict). It is restored here rather than through Lightning's loader-state
+    # hook, which Lightning skips when configure_optimizers reads `estimated_stepping_batches` (that
+    # starts the training loader before the loop state is read, as every method here does).
+
+    def state_dict(self) -> dict:
+        if self._train_loader is None or self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        return {"train_data_position": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        position = state_dict.get("train_data_position")
+        if position is None:
+            return
+        if self._train_loader is None:
+            self._resume_position = position  # train_dataloader() starts there
+            return
+        # Strategies that read checkpoints after setup (FSDP, DeepSpeed) have started the loader already.
+        rank_zero_warn(
+            "The training loader started before the checkpoint was read (a strategy that restores after "
+            "setup): the resumed epoch restarts its data order; later epochs continue exactly."
+        )
+        self._train_loader.load_state_dict(position)
 
     # Internals.
 
@@ -229,12 +294,22 @@ class ViewDataModule(L.LightningDataModule, ABC):
             raise RuntimeError(f"{type(self).__name__}.setup({stage!r}) must run before the {split} dataloader")
         return self._datasets[split]
 
-    def _loader(self, dataset: ViewDataset, train: bool) -> DataLoader:
+    def _training_seed(self) -> int | None:
+        if self.seed is not None:
+            return self.seed
+        global_seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything
+        return int(global_seed) if global_seed is not None else None
+
+    def _consumed_train_batches(self) -> tuple[int, bool]:
+        """Batches of the current epoch that training has taken, and whether the epoch is over."""
+        taken = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return taken, taken >= self.trainer.num_training_batches
+
+    def _plain_loader(self, dataset: ViewDataset) -> DataLoader:
+        """Evaluation order: every image once, in dataset order."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,

@@ -51,10 +51,15 @@ class SSLMethod(L.LightningModule):
         probe_lr: learning rate (per 256 images) of the online linear probe on detached features.
         channels_last: store convolution weights channels-last (NHWC), which PyTorch's CPU and
             tensor-core kernels run faster; outputs are unchanged.
+        compile: compile the backbone and heads (teacher included) with ``torch.compile`` in place
+            (``nn.Module.compile``), so parameter names and checkpoints are those of an eager run.
+            The first steps, and the first validation step, pay the compilation.
         on_nonfinite_loss: what a NaN/inf loss on any rank does: "raise" stops the run with an
             error naming the step and the loss terms (no checkpoint is written for that state);
-            "skip" drops the batch with a warning: no backward, so no weight changes (Lightning
-            still counts the step and advances the LR schedule); single process only.
+            "skip" drops the optimizer step on every rank with a warning: the gradients are
+            discarded before the optimizer sees them, so no weight or optimizer state changes
+            (Lightning still counts the step and advances the LR schedule; an EMA teacher still
+            takes its step). Works under DDP; see docs/reliability.md.
     """
 
     #: number of views ``shared_step`` consumes: an int, or (min, max) for multi-crop methods
@@ -84,6 +89,7 @@ class SSLMethod(L.LightningModule):
         anneal_steps: int = 0,
         probe_lr: float = 0.1,
         channels_last: bool = False,
+        compile: bool = False,
         on_nonfinite_loss: Literal["raise", "skip"] = "raise",
     ):
         super().__init__()
@@ -100,15 +106,10 @@ class SSLMethod(L.LightningModule):
         )
         self.backbone: nn.Module | None = None
         self.probe: nn.Linear | None = None
+        self._discard_gradients = False  # set by a skipped non-finite step
 
     # ----------------------------------------------------------------- building
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.on_nonfinite_loss == "skip" and self.trainer.world_size > 1:
-            # Lightning refuses a training_step that returns None under DDP (the gradient all-reduce).
-            raise ValueError(
-                f"{type(self).__name__}: on_nonfinite_loss='skip' works on a single process only, but this run has "
-                f"{self.trainer.world_size} processes. Use on_nonfinite_loss='raise' (the default) and resume."
-            )
         facts = read_data_facts(self.trainer)
         if facts is not None:
             self._adopt_data_facts(facts)
@@ -129,6 +130,11 @@ class SSLMethod(L.LightningModule):
             self.backbone.to(memory_format=torch.channels_last)
         self.feat_dim = feature_dim(self.backbone, self.hparams.in_chans or 3, self.hparams.image_size or 32)
         self.build_heads(self.feat_dim)
+        if self.hparams.compile:
+            # Before the probe exists: a single Linear layer gains nothing, and its data-dependent
+            # number of labelled rows would recompile.
+            for module in self.children():
+                module.compile()
         if self.hparams.num_classes:
             self.probe = nn.Linear(self.feat_dim, self.hparams.num_classes)
             self.val_probe_top1 = MulticlassAccuracy(self.hparams.num_classes, average="micro")
@@ -164,14 +170,20 @@ class SSLMethod(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         require_views(batch, type(self).__name__)
         out = self.shared_step(batch)
         loss = out["loss"]
-        # Decided on all ranks together, so that every rank stops at the same step (no rank left
-        # waiting in DDP's gradient all-reduce).
+        # Decided on all ranks together, so that every rank stops, or skips, at the same step (no
+        # rank left waiting in DDP's gradient all-reduce).
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
-            return self._nonfinite_loss(out)
+            self._nonfinite_loss(out)
+            # Skipping: every rank still runs the backward, so DDP's all-reduce completes, and
+            # on_before_optimizer_step throws the gradients away.
+            self._discard_gradients = True
+            if self.probe is not None and "feats" in out:
+                loss = loss + self._probe_step(out["feats"].detach(), batch["label"])
+            return loss
         batch_size = batch["views"][0].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         for name, value in out.items():
@@ -188,7 +200,7 @@ class SSLMethod(L.LightningModule):
         where = f"step {self.trainer.global_step} (epoch {self.current_epoch})"
         if self.hparams.on_nonfinite_loss == "skip":
             rank_zero_warn(f"{type(self).__name__}: non-finite loss at {where} ({terms}); step skipped.")
-            return None
+            return
         callback = self.trainer.checkpoint_callback
         kept = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
         raise FloatingPointError(
@@ -225,6 +237,16 @@ class SSLMethod(L.LightningModule):
         step = self.trainer.global_step
         super().optimizer_step(*args, **kwargs)
         self.on_optimizer_step(step)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._discard_gradients:
+            return
+        self._discard_gradients = False
+        # Torch optimizers leave a parameter without .grad untouched (no update, no weight decay, no
+        # moment decay), so this makes the step a no-op. With a GradScaler (16-mixed) the gradients
+        # stay: they are non-finite, so the scaler skips the step itself and lowers its scale.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            optimizer.zero_grad(set_to_none=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         for group in self.trainer.optimizers[0].param_groups:
