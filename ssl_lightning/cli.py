@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -19,7 +21,7 @@ from ssl_lightning.callbacks.preemption import SaveOnInterrupt
 from ssl_lightning.callbacks.random_states import RandomStates
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
 from ssl_lightning.methods import EVALUATIONS, METHODS
-from ssl_lightning.runs import find_resume_checkpoint, run_dir, step_checkpoint
+from ssl_lightning.runs import find_resume_checkpoint, load_wandb_run_id, run_dir, save_wandb_run_id, step_checkpoint
 
 DATA_LINKS = ("batch_size", "num_classes", "in_chans", "image_size")
 
@@ -62,6 +64,8 @@ class SaveAndUploadConfig(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if isinstance(trainer.logger, WandbLogger):
             trainer.logger.experiment.config.update({"cli": self.config.as_dict()}, allow_val_change=True)
+            if self.config.get("run_name") is not None:  # a rerun of the run continues this W&B run
+                save_wandb_run_id(run_dir(self.config.root, self.config.run_name), trainer.logger.experiment.id)
 
 
 class SSLCLI(LightningCLI):
@@ -118,6 +122,7 @@ class SSLCLI(LightningCLI):
                 rank_zero_info(
                     f"Run '{config.run_name}': resuming from {point.path} (step {point.step}, epoch {point.epoch})."
                 )
+                continue_wandb_run(config.trainer.get("logger"), run)
         if self.subcommand == "fit" and config.get("weights_only") is None:
             config.weights_only = True
 
@@ -141,6 +146,27 @@ class SSLCLI(LightningCLI):
 
     def _subcommand_config(self):
         return self.config[self.subcommand] if self.subcommand else self.config
+
+
+def continue_wandb_run(logger_config: Any, run: Path) -> None:
+    """Points the config's W&B logger (one without an explicit ``id``) at the W&B run this run
+    started, so the resumed metrics continue on the same W&B page (Lightning's WandbLogger
+    initialises with ``resume="allow"``)."""
+    run_id = load_wandb_run_id(run)
+    if run_id is None:
+        return
+    for logger in _as_list(logger_config):
+        class_path = logger.get("class_path") if hasattr(logger, "get") else None
+        if class_path is None or not issubclass(_import_class(class_path), WandbLogger):
+            continue
+        if logger.init_args.get("id") is None and logger.init_args.get("version") is None:
+            logger.init_args.id = run_id
+            rank_zero_info(f"Run '{run.name}': continuing W&B run {run_id}.")
+
+
+def _import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _as_list(value: Any) -> list:

@@ -52,9 +52,15 @@ def load_backbone(ckpt_path: str | Path) -> nn.Module:
     return rebuild_backbone(load_checkpoint(ckpt_path), ckpt_path)[0]
 
 
-def rebuild_backbone(checkpoint: dict, ckpt_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The checkpoint's backbone (eval mode, weights loaded strictly) and its builder arguments."""
+def rebuild_backbone(
+    checkpoint: dict, ckpt_path: str | Path, extra_kwargs: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint's backbone (eval mode, weights loaded strictly) and its builder arguments.
+
+    ``extra_kwargs`` join the builder's ``kwargs``; they must not add parameters (fine-tuning's
+    ``drop_path_rate`` does not)."""
     builder = builder_args(checkpoint, ckpt_path)
+    builder["kwargs"].update(extra_kwargs or {})
     backbone = build_backbone(**builder)
     backbone.load_state_dict(backbone_state_dict(checkpoint), strict=True)
     return backbone.eval(), builder

@@ -1,4 +1,5 @@
-"""Optimizers by name, parameter groups, learning-rate scaling and LR / momentum schedules.
+"""Optimizers by name, parameter groups (layer-wise LR decay included), learning-rate scaling and
+LR / momentum schedules.
 
 The schedule functions are pure: they map an optimizer step (0-indexed) to an absolute value, so
 they can be tested and plotted alone. `build_lr_scheduler` turns them into a `LambdaLR` that is
@@ -6,8 +7,12 @@ stepped once per optimizer step (Lightning `interval: "step"`).
 """
 
 import math
+from collections.abc import Iterator
+from fnmatch import fnmatch
 
 import torch
+import torchvision
+from timm.models._manipulate import group_with_matcher
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -30,21 +35,102 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     LAMB the `"no_decay"` group is also excluded from the layer-wise adaptation (see
     `create_optimizer`).
     """
-    weights, no_decay, seen = [], [], set()
-    for layer in module.modules():
-        for param in layer.parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            if isinstance(layer, _NORM_LAYERS) or param.ndim <= 1:
-                no_decay.append(param)
-            else:
-                weights.append(param)
+    weights, no_decay = [], []
+    for _, layer, param in _trainable(module):
+        (weights if _decays(layer, param) else no_decay).append(param)
     groups = [
         {"name": "weights", "params": weights, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]
+
+
+def _trainable(module: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter]]:
+    """Each trainable parameter of `module` once (a shared one too): its name, its owner, itself."""
+    seen = set()
+    for prefix, layer in module.named_modules():
+        for name, param in layer.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                yield f"{prefix}.{name}" if prefix else name, layer, param
+
+
+def _decays(layer: nn.Module, param: nn.Parameter) -> bool:
+    return not (isinstance(layer, _NORM_LAYERS) or param.ndim <= 1)
+
+
+# torchvision's ResNets have no `group_matcher`, but their parameter names are timm's ResNet ones.
+_RESNET_STAGES = {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)"}
+_HEAD = "<head>."  # matched by no backbone's matcher, so the head lands in timm's top group
+
+
+def layer_ids(backbone: nn.Module, head: nn.Module) -> dict[str, int]:
+    """Layer id of every parameter of `backbone` + `head` (head names get the prefix `<head>.`).
+
+    The layers are timm's coarse parameter groups (`backbone.group_matcher(coarse=True)`), the ones
+    timm's own layer decay uses: 0 = stem / embeddings (a ViT's patch_embed, cls_token, pos_embed),
+    then one id per ViT block or ResNet / ConvNeXt / Swin stage. As in timm's grouping of a whole
+    classifier, the head and anything the matcher leaves unmatched (a ViT's `fc_norm`) share the top
+    id; a ViT's final `norm` joins the last block (MAE and BEiT put it with the head instead).
+    """
+    if hasattr(backbone, "group_matcher"):
+        matcher = backbone.group_matcher(coarse=True)
+    elif isinstance(backbone, torchvision.models.ResNet):
+        matcher = _RESNET_STAGES
+    else:
+        raise ValueError(
+            f"layer_decay needs to know the backbone's layers: {type(backbone).__name__} has no timm "
+            "group_matcher() and is not a torchvision ResNet. Use a timm backbone or set layer_decay to None."
+        )
+    names = [(name, None) for name, *_ in _trainable(backbone)]
+    names += [(_HEAD + name, None) for name, *_ in _trainable(head)]
+    # timm exports group_parameters(module, ...), which needs one module holding both; this is the
+    # function it calls, which takes (name, value) pairs.
+    return group_with_matcher(names, matcher, reverse=True)
+
+
+def layer_decay_param_groups(
+    backbone: nn.Module, head: nn.Module, weight_decay: float, layer_decay: float | None
+) -> list[dict]:
+    """Parameter groups for fine-tuning `backbone` + `head`, each with an `"lr_scale"`.
+
+    Layer-wise LR decay (ELECTRA, Clark et al. 2020; BEiT, Bao et al. 2022; MAE, He et al. 2022): a
+    parameter of layer `i` (see `layer_ids`; the head is the top layer `L`) gets
+    `lr_scale = layer_decay ** (L - i)`, so the head trains at the full LR and the stem at
+    `layer_decay ** L` of it. Groups are named
+    `"layer<i>"` and `"layer<i>_no_decay"`. With `layer_decay` None or 1.0 every scale is 1 and
+    the groups are `"weights"` and `"no_decay"`, as from `param_groups`. The caller sets each
+    group's `"lr"` to `lr * lr_scale`; `build_lr_scheduler` then follows each group's own peak.
+
+    No weight decay: `param_groups`' rule (biases, normalisation parameters, other <= 1-D
+    parameters) plus the names the backbone lists in timm's `no_weight_decay()` (a ViT's
+    pos_embed and cls_token), as in timm's, MAE's and BEiT's fine-tuning.
+    """
+    if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay}.")
+    decay_off = layer_decay is None or layer_decay == 1.0
+    skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
+    entries = [
+        (name, param, _decays(layer, param) and not any(fnmatch(name, pattern) for pattern in skip))
+        for name, layer, param in _trainable(backbone)
+    ]
+    entries += [(_HEAD + name, param, _decays(layer, param)) for name, layer, param in _trainable(head)]
+    ids = dict.fromkeys((name for name, *_ in entries), 0) if decay_off else layer_ids(backbone, head)
+    top = max(ids.values())
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param, decays in entries:
+        layer = ids[name]
+        if (layer, decays) not in groups:
+            if decay_off:
+                group_name = "weights" if decays else "no_decay"
+            else:
+                group_name = f"layer{layer}" if decays else f"layer{layer}_no_decay"
+            groups[layer, decays] = {
+                "name": group_name, "params": [], "weight_decay": weight_decay if decays else 0.0,
+                "lr_scale": 1.0 if decay_off else layer_decay ** (top - layer),
+            }
+        groups[layer, decays]["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda key: (key[0], not key[1]))]
 
 
 def create_optimizer(

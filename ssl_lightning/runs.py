@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 CHECKPOINT_DIR = "checkpoints"
+WANDB_RUN_ID_FILE = "wandb_run_id"
 # What Trainer.fit(ckpt_path=...) needs to restore the loops, the model and the optimizers.
 REQUIRED_KEYS = ("state_dict", "global_step", "epoch", "loops", "optimizer_states")
 
@@ -29,6 +30,19 @@ def run_dir(root: str | Path, run_name: str) -> Path:
 
 def checkpoint_dir(run: str | Path) -> Path:
     return Path(run) / CHECKPOINT_DIR
+
+
+def save_wandb_run_id(run: str | Path, run_id: str) -> None:
+    """Remember the W&B run this run logs to (``<run>/wandb_run_id``), for its reruns."""
+    Path(run).mkdir(parents=True, exist_ok=True)
+    (Path(run) / WANDB_RUN_ID_FILE).write_text(run_id + "\n")
+
+
+def load_wandb_run_id(run: str | Path) -> str | None:
+    path = Path(run) / WANDB_RUN_ID_FILE
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
 
 
 def step_checkpoint(run: str | Path, every_n_train_steps: int | None = None, keep: int = 2) -> ModelCheckpoint:

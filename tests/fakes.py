@@ -13,6 +13,9 @@ TINY_BACKBONE = {
     "cifar_stem": True,
 }
 
+#: a two-block ViT on 16x16 images (patch 4: 16 tokens), for FSDP's transformer-block wrapping
+TINY_VIT = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 16, "patch_size": 4, "depth": 2}}
+
 
 class FakeViews(Dataset):
     """Random two-view samples in the batch-dict format, the same for every epoch."""

@@ -3,18 +3,36 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import ShardingStrategy
 
 from ssl_lightning.cli import SSLCLI, main
 from ssl_lightning.methods import EVALUATIONS, METHODS
+from ssl_lightning.strategies import wrap_blocks_backbone_and_heads
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 
 
-def instantiate(*args: str) -> LightningCLI:
-    return SSLCLI(args=list(args), run=False)
+def instantiate(*args: str, cli_class: type[SSLCLI] = SSLCLI) -> LightningCLI:
+    return cli_class(args=list(args), run=False)
+
+
+class SSLCLIWithoutTrainer(SSLCLI):
+    """Instantiates everything a config names (the strategy included) except the Trainer, which
+    Lightning refuses to build for a GPU-only config (FSDP) on a machine without CUDA."""
+
+    def instantiate_trainer(self, **kwargs):
+        return None
+
+
+def cli_class_for(config: Path) -> type[SSLCLI]:
+    needs_gpu = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("accelerator") == "gpu"
+    return SSLCLIWithoutTrainer if needs_gpu and not torch.cuda.is_available() else SSLCLI
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -24,10 +42,21 @@ def test_every_config_instantiates(config):
     args = [arg for layer in layers for arg in ("--config", str(layer))]
     if config.parent.name == "eval":  # evaluations need a checkpoint, read only when the run starts
         args += ["--model.pretrained", "method.ckpt"]
-    cli = instantiate(*args)
+    cli = instantiate(*args, cli_class=cli_class_for(config))
     assert type(cli.model).__name__ in {**METHODS, **EVALUATIONS}
     assert cli.model.hparams.batch_size == cli.datamodule.batch_size  # linked from the DataModule
     assert cli.model.hparams.in_chans == cli.datamodule.in_chans
+
+
+def test_fsdp_config_wraps_blocks_in_bf16_with_full_checkpoints():
+    fsdp = CONFIGS / "strategy" / "fsdp.yaml"
+    cli = instantiate("--config", str(QUICKSTART), "--config", str(fsdp), cli_class=cli_class_for(fsdp))
+    trainer = cli.config_init["trainer"]
+    assert trainer.accelerator == "gpu" and trainer.precision == "bf16-mixed"
+    strategy = trainer.strategy
+    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
+    assert strategy.kwargs == {"auto_wrap_policy": wrap_blocks_backbone_and_heads, "use_orig_params": True}
+    assert cli.config.trainer.strategy.init_args.state_dict_type == "full"
 
 
 def test_short_names_and_links():
@@ -65,7 +94,9 @@ def test_unknown_config_key_is_named(capsys):
 def test_list_prints_methods_datamodules_and_presets(capsys):
     main(["list"])
     out = capsys.readouterr().out
-    for name in ("SimCLR", "BarlowTwins", "BYOL", "Digits", "CIFAR10", "ImageFolder", "simclr", "byol", "dino", "none"):
+    names = ("SimCLR", "BarlowTwins", "BYOL", "LinearProbe", "KNNEvaluation", "FineTune", "Digits", "CIFAR10",
+             "ImageFolder", "simclr", "byol", "dino", "supervised", "none")
+    for name in names:
         assert name in out
 
 

@@ -57,10 +57,10 @@ def write_folder(root, classes, per_class=4, size=16):
 
 BATCH = 4
 KINDS = {
-    "digits": lambda tmp: Digits(batch_size=BATCH, num_workers=0),
-    "npz_rgb": lambda tmp: NpzArrays(str(write_npz_arrays(tmp / "rgb.npz", 3)), batch_size=BATCH, num_workers=0),
-    "npz_gray": lambda tmp: NpzArrays(str(write_npz_arrays(tmp / "gray.npz", None)), batch_size=BATCH, num_workers=0),
-    "npz_jpeg": lambda tmp: NpzArrays(str(write_npz_jpeg(tmp / "jpeg.npz")), batch_size=BATCH, num_workers=0),
+    "digits": lambda tmp: Digits(batch_size=BATCH, num_workers=0, view_device="cpu"),
+    "npz_rgb": lambda tmp: NpzArrays(str(write_npz_arrays(tmp / "rgb.npz", 3)), batch_size=BATCH, num_workers=0, view_device="cpu"),
+    "npz_gray": lambda tmp: NpzArrays(str(write_npz_arrays(tmp / "gray.npz", None)), batch_size=BATCH, num_workers=0, view_device="cpu"),
+    "npz_jpeg": lambda tmp: NpzArrays(str(write_npz_jpeg(tmp / "jpeg.npz")), batch_size=BATCH, num_workers=0, view_device="cpu"),
     "folder_labelled": lambda tmp: ImageFolder(
         str(write_folder(tmp / "train", ["cat", "dog"])), str(write_folder(tmp / "val", ["cat", "dog"], 2)),
         image_size=16, batch_size=BATCH, num_workers=0,
@@ -140,7 +140,7 @@ def test_knn_bank_is_the_unaugmented_training_split(kind):
 
 
 def test_val_dataloader_is_a_single_loader_without_the_bank_request():
-    datamodule = Digits(batch_size=BATCH, num_workers=0)
+    datamodule = Digits(batch_size=BATCH, num_workers=0, view_device="cpu")
     datamodule.setup("validate")
     assert isinstance(datamodule.val_dataloader(), torch.utils.data.DataLoader)
 
@@ -156,7 +156,7 @@ def test_training_loader_shuffles_and_drops_the_last_partial_batch():
 
 @pytest.mark.parametrize(("preset", "sizes"), [("simclr", [32] * 2), ("byol", [32] * 2), ("dino", [32] * 2 + [14] * 6)])
 def test_training_views_follow_the_preset(preset, sizes):
-    datamodule = Digits(batch_size=8, num_workers=0, views=preset)
+    datamodule = Digits(batch_size=8, num_workers=0, view_device="cpu", views=preset)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert datamodule.num_views == len(sizes)
@@ -164,7 +164,7 @@ def test_training_views_follow_the_preset(preset, sizes):
 
 
 def test_workers_produce_the_same_contract():
-    datamodule = Digits(batch_size=16, num_workers=2, views="byol")
+    datamodule = Digits(batch_size=16, num_workers=2, views="byol", view_device="cpu")
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert_batch_contract(batch, 2, 1, 32, 16)
@@ -220,7 +220,7 @@ def test_stl10_trains_on_train_plus_unlabelled_with_label_minus_one_and_banks_th
             self.labels = np.concatenate([np.arange(labelled) % 10, -np.ones(unlabelled, dtype=np.int64)])
 
     monkeypatch.setattr(STL10, "dataset_class", FakeTorchvisionSTL10)
-    datamodule = STL10(download=False, batch_size=10, num_workers=0, image_size=8)
+    datamodule = STL10(download=False, batch_size=10, num_workers=0, view_device="cpu", image_size=8)
     datamodule.setup("fit")
     datamodule.request_knn_bank()
     labels = next(iter(datamodule.train_dataloader()))["label"]
@@ -232,7 +232,7 @@ def test_stl10_trains_on_train_plus_unlabelled_with_label_minus_one_and_banks_th
 
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10_jpeg.npz").is_file(), reason="shared CIFAR-10 JPEG copy absent")
 def test_packed_cifar10_jpeg_copy_loads_with_its_real_statistics():
-    datamodule = NpzArrays(str(SHARED_DATA / "cifar10_jpeg.npz"), batch_size=8, num_workers=0)
+    datamodule = NpzArrays(str(SHARED_DATA / "cifar10_jpeg.npz"), batch_size=8, num_workers=0, view_device="cpu")
     assert (datamodule.num_classes, datamodule.in_chans, datamodule.image_size) == (10, 3, 32)
     assert datamodule.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=0.005)
     datamodule.setup("fit")

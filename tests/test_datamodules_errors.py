@@ -103,7 +103,7 @@ def test_batch_larger_than_the_training_set_with_drop_last_names_both_numbers():
 
 
 def test_unknown_preset_is_refused_at_construction_listing_valid_presets():
-    with pytest.raises(ValueError, match="valid presets: simclr, byol, dino, none"):
+    with pytest.raises(ValueError, match="valid presets: simclr, byol, dino, supervised, none"):
         Digits(views="mocov3")
 
 

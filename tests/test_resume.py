@@ -95,3 +95,22 @@ def test_slurm_requeue_checkpoint_counts_when_newest(finished_run):
     shutil.copy(run / "checkpoints" / "step=2.ckpt", hpc)
     os.utime(hpc, ((run / "checkpoints" / "last.ckpt").stat().st_mtime + 1,) * 2)
     assert find_resume_checkpoint(run).path == hpc
+
+
+@pytest.mark.timeout(180)
+def test_rerun_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    wandb = ("--trainer.logger", "ssl_lightning.loggers.SafeWandbLogger", "--trainer.logger.offline", "true",
+             "--trainer.logger.save_dir", str(tmp_path))
+    first = main(tiny_fit_args("logged", 1, *wandb))
+    first_id = first.trainer.logger.experiment.id
+    first.trainer.logger.experiment.finish()
+    assert (Path("runs") / "logged" / "wandb_run_id").read_text().strip() == first_id
+    again = main(tiny_fit_args("logged", 2, *wandb))
+    try:
+        assert again.trainer.global_step == 6  # resumed
+        assert again.trainer.logger.experiment.id == first_id
+    finally:
+        again.trainer.logger.experiment.finish()

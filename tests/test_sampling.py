@@ -80,7 +80,7 @@ def test_loader_state_is_the_consumed_position_and_moves_to_the_next_epoch_once_
 
 
 def test_a_training_item_draws_its_views_from_its_own_seed_and_leaves_the_global_rng_alone():
-    data = Digits(batch_size=4, num_workers=0)
+    data = Digits(batch_size=4, num_workers=0, view_device="cpu")
     data.setup("fit")
     dataset = data._datasets["train"]
     before = torch.get_rng_state()
@@ -113,7 +113,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
-def fit_digits(tmp_path, ckpt_path=None) -> L.Trainer:
+def fit_digits(tmp_path, data: dict, ckpt_path=None) -> L.Trainer:
     L.seed_everything(0)
     model = SimCLR(**{**TINY_BACKBONE, "backbone_kwargs": {**TINY_BACKBONE["backbone_kwargs"], "drop_path_rate": 0.2}},
                    proj_hidden_dim=32, proj_dim=16, optimizer="adamw", lr=1e-3)
@@ -122,14 +122,15 @@ def fit_digits(tmp_path, ckpt_path=None) -> L.Trainer:
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
         callbacks=[RandomStates(), L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)],
     )
-    trainer.fit(model, Digits(batch_size=32, num_workers=0), ckpt_path=ckpt_path)
+    trainer.fit(model, Digits(batch_size=32, num_workers=0, **data), ckpt_path=ckpt_path)
     return trainer
 
 
-def test_resuming_from_an_end_of_epoch_checkpoint_written_after_validation_continues_exactly(tmp_path):
-    straight = fit_digits(tmp_path / "straight")
+@pytest.mark.parametrize("data", [{"view_device": "cpu"}, {"view_device": "device"}, {"in_memory": True}])
+def test_resuming_from_an_end_of_epoch_checkpoint_written_after_validation_continues_exactly(tmp_path, data):
+    straight = fit_digits(tmp_path / "straight", data)
     # Written at the end of epoch 0's validation, not in a training batch.
-    resumed = fit_digits(tmp_path / "resumed", ckpt_path=tmp_path / "straight" / "epoch=0-step=3.ckpt")
+    resumed = fit_digits(tmp_path / "resumed", data, ckpt_path=tmp_path / "straight" / "epoch=0-step=3.ckpt")
     assert resumed.global_step == straight.global_step == 6
     expected, got = straight.lightning_module.state_dict(), resumed.lightning_module.state_dict()
     for name, tensor in expected.items():

@@ -9,13 +9,21 @@ from ssl_lightning.datamodules.views import MultiViewTransform, blur_kernel_size
 MEAN3, STD3 = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
-@pytest.mark.parametrize(("preset", "expected"), [("simclr", 2), ("byol", 2), ("dino", 8), ("none", 1)])
+@pytest.mark.parametrize(
+    ("preset", "expected"), [("simclr", 2), ("byol", 2), ("dino", 8), ("supervised", 1), ("none", 1)]
+)
 def test_each_preset_has_the_papers_number_of_views(preset, expected):
     assert sum(spec.num for spec in resolve_views(preset, 32, 3)) == expected
 
 
-def test_preset_names_are_exactly_the_four_documented_ones():
-    assert list(VIEW_PRESETS) == ["simclr", "byol", "dino", "none"]
+def test_preset_names_are_exactly_the_five_documented_ones():
+    assert list(VIEW_PRESETS) == ["simclr", "byol", "dino", "supervised", "none"]
+
+
+def test_supervised_view_is_a_random_resized_crop_and_flip_only():
+    (spec,) = resolve_views("supervised", 32, 3)
+    assert (spec.crop_size, spec.crop_scale, spec.flip_p) == (32, (0.08, 1.0), 0.5)
+    assert (spec.jitter_p, spec.grayscale_p, spec.blur_p, spec.solarize_p) == (0.0, 0.0, 0.0, 0.0)
 
 
 def test_simclr_uses_strength_half_jitter_and_blur_only_on_large_images():
@@ -48,7 +56,8 @@ def test_grayscale_images_get_no_saturation_hue_or_grayscale(preset):
 
 
 def test_unknown_preset_error_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown view preset 'simclrr'; valid presets: simclr, byol, dino, none"):
+    valid = "simclr, byol, dino, supervised, none"
+    with pytest.raises(ValueError, match=f"unknown view preset 'simclrr'; valid presets: {valid}"):
         resolve_views("simclrr", 32, 3)
 
 

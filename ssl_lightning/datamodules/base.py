@@ -13,7 +13,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_lightning.datamodules.device_batches import FixedSizeImages, make_views_on_device
+from ssl_lightning.datamodules.device_batches import (
+    FixedSizeImages,
+    ImagesInMemory,
+    IndexItems,
+    make_views_on_device,
+    resolve_view_device,
+)
 from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.sampling import ResumableDataLoader, SeededSampler, seeded_rng, split_seeded_item
 from ssl_lightning.datamodules.sources import ImageSource
@@ -66,9 +72,15 @@ class ViewDataModule(L.LightningDataModule, ABC):
         drop_last: drop the last incomplete training batch.
         pin_memory: DataLoader pin_memory (useful with a GPU).
         persistent_workers: keep workers alive between epochs (only applies when num_workers > 0).
-        view_device: where training views are drawn: "cpu" (per image, torchvision, in the workers)
-            or "device" (the loader yields uint8 `image` at image_size and `on_after_batch_transfer`
-            draws the views batched on the accelerator; see docs/device_views.md).
+        view_device: where training views are drawn: "cpu" (per image, torchvision, in the workers),
+            "device" (the loader yields uint8 `image` at image_size and `on_after_batch_transfer`
+            draws the views batched on the accelerator, or on the CPU without one), or "auto"
+            (default): "device" when the recipe augments and the images are stored at one size,
+            the faster path on accelerators and at every measured size on the CPU (up to 224 px;
+            beyond it "cpu"), else "cpu". See docs/device_views.md.
+        in_memory: keep the whole uint8 training split on the device (device-side views only):
+            training batches carry indices, no decoding and no DataLoader workers during training.
+            For small-image datasets (CIFAR-10 is 150 MB).
         seed: seed of the training order and augmentations; None: the run's `seed_everything` seed,
             or a fresh random one without it. Checkpoints store it, so a resumed run keeps its own.
     """
@@ -82,7 +94,8 @@ class ViewDataModule(L.LightningDataModule, ABC):
         drop_last: bool = True,
         pin_memory: bool = False,
         persistent_workers: bool = True,
-        view_device: Literal["cpu", "device"] = "cpu",
+        view_device: Literal["auto", "cpu", "device"] = "auto",
+        in_memory: bool = False,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -94,8 +107,11 @@ class ViewDataModule(L.LightningDataModule, ABC):
             raise ValueError(f"image_size must be positive or None, got {image_size}")
         if isinstance(views, str):
             check_preset_name(views)
-        if view_device not in ("cpu", "device"):
-            raise ValueError(f"view_device must be 'cpu' or 'device', got {view_device!r}")
+        if view_device not in ("auto", "cpu", "device"):
+            raise ValueError(f"view_device must be 'auto', 'cpu' or 'device', got {view_device!r}")
+        if in_memory and view_device == "cpu":
+            raise ValueError("in_memory=True keeps the images on the device and draws the views there: "
+                             "set view_device to 'device' or 'auto', or in_memory=False")
         self._batch_size = batch_size
         self.num_workers = num_workers
         self.views = views
@@ -104,6 +120,9 @@ class ViewDataModule(L.LightningDataModule, ABC):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.view_device = view_device
+        self.in_memory = in_memory
+        self.views_on_device = False  # view_device resolved in setup("fit")
+        self._images_in_memory: ImagesInMemory | None = None
         self.seed = seed
         self._knn_bank_requested = False
         self._datasets: dict[Split, ViewDataset | None] = {}
@@ -137,6 +156,10 @@ class ViewDataModule(L.LightningDataModule, ABC):
     def _load_images(self, split: Split) -> ImageSource | None:
         """Raw images of a split; None only for an optional validation split that is absent."""
 
+    #: whether every stored image has one size (so batching before the random crop loses nothing);
+    #: ``view_device: auto`` uses batched views only then
+    stores_one_image_size: bool = True
+
     #: the split ``predict_dataloader`` serves; the EmbeddingWriter callback sets it
     predict_split: Literal["train", "val"] = "val"
 
@@ -169,9 +192,14 @@ class ViewDataModule(L.LightningDataModule, ABC):
         if stage == "fit":
             train = self._checked_images("train")
             self._check_batch_fits(len(train))
-            if self.view_device == "device":
+            self.views_on_device = self._resolve_view_device() == "device"
+            if self.views_on_device:
                 self.device_views = DeviceViews(self.view_specs, self.mean, self.std)
-                self._datasets["train"] = FixedSizeImages(train, self.image_size)
+                if self.in_memory:
+                    self._images_in_memory = ImagesInMemory(train, self.image_size, self.num_workers)
+                    self._datasets["train"] = IndexItems(self._images_in_memory)
+                else:
+                    self._datasets["train"] = FixedSizeImages(train, self.image_size)
             else:
                 self._datasets["train"] = ViewDataset(train, MultiViewTransform(self.view_specs, self.mean, self.std))
         if stage in ("fit", "validate"):
@@ -185,17 +213,20 @@ class ViewDataModule(L.LightningDataModule, ABC):
         if self._resume_position is not None:
             sampler.load_state_dict(self._resume_position)
             self._resume_position = None
+        in_memory = self._images_in_memory is not None  # then batches of indices only: no workers
+        workers = 0 if in_memory else self.num_workers
         self._train_loader = ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=self.drop_last,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=self.persistent_workers and workers > 0,
             # Worker seeds from their own generator: loading never draws from the model's global RNG.
             generator=torch.Generator().manual_seed(sampler.seed),
             consumed_batches=self._consumed_train_batches,
+            **({"collate_fn": IndexItems.collate_batch} if in_memory else {}),
         )
         return self._train_loader
 
@@ -219,9 +250,11 @@ class ViewDataModule(L.LightningDataModule, ABC):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Only training batches carry `image`; validation, kNN-bank and predict batches already hold
         # the CPU's un-augmented view.
-        if self.view_device == "device" and self.trainer is not None and self.trainer.training and "image" in batch:
-            return make_views_on_device(batch, self.device_views)
-        return batch
+        if not (self.views_on_device and self.trainer is not None and self.trainer.training):
+            return batch
+        if self._images_in_memory is not None and "image" not in batch:
+            batch = {**batch, "image": self._images_in_memory.gather(batch["index"])}
+        return make_views_on_device(batch, self.device_views) if "image" in batch else batch
 
     def predict_dataloader(self) -> DataLoader:
         return self.plain_dataloader(self.predict_split)
@@ -293,6 +326,19 @@ class ViewDataModule(L.LightningDataModule, ABC):
         if split not in self._datasets:
             raise RuntimeError(f"{type(self).__name__}.setup({stage!r}) must run before the {split} dataloader")
         return self._datasets[split]
+
+    def _resolve_view_device(self) -> Literal["cpu", "device"]:
+        device_type = self.trainer.strategy.root_device.type if self.trainer is not None else "cpu"
+        placement = resolve_view_device(
+            self.view_device, all(spec.augments for spec in self.view_specs), self.stores_one_image_size,
+            self.image_size, device_type,
+        )
+        if self.in_memory and placement != "device":
+            raise ValueError(
+                f"in_memory=True needs device-side views, but view_device='auto' chose the CPU path for {type(self).__name__} "
+                "(a recipe without augmentation, or images of varied sizes): set in_memory=False"
+            )
+        return placement
 
     def _training_seed(self) -> int | None:
         if self.seed is not None:

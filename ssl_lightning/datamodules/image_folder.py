@@ -29,6 +29,10 @@ class ImageFolder(ViewDataModule):
     spaced training images; image_size (default 224) is the side of the global views.
     """
 
+    # Files come in any size, so `view_device: auto` keeps views per image (random crops of the
+    # whole image); "device" would first resize and centre-crop every image to image_size.
+    stores_one_image_size = False
+
     def __init__(
         self,
         train_dir: str,

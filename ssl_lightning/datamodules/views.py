@@ -20,6 +20,9 @@ which need RGB):
   blur p 1.0; global 2: blur p 0.1, solarize p 0.2) and 6 local crops at round(image_size * 96 / 224)
   with scale (0.05, 0.4) and blur p 0.5; jitter 0.4/0.4/0.2/0.1 p 0.8, grayscale 0.2, flip 0.5.
   Blur is off below 64 px, as for BYOL.
+- ``supervised``: 1 view, random resized crop with scale (0.08, 1) and flip 0.5, nothing else: the
+  standard supervised ImageNet / CIFAR training view (torchvision's reference recipe), and the base
+  of MAE's and BEiT's fine-tuning views (which add RandAugment, not implemented here).
 - ``none``: 1 view, no augmentation (resize to image_size); also the validation and kNN-bank view.
 
 Blur uses sigma in (0.1, 2.0) and a kernel of about 10 % of the crop size, made odd (at least 3).
@@ -112,6 +115,10 @@ def dino_views(image_size: int, in_chans: int, num_local: int = 6) -> list[ViewS
     ]
 
 
+def supervised_views(image_size: int, in_chans: int) -> list[ViewSpec]:
+    return [ViewSpec(jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale_p=0.0)]
+
+
 def plain_views(image_size: int, in_chans: int) -> list[ViewSpec]:
     return [ViewSpec(crop_scale=None)]
 
@@ -120,6 +127,7 @@ VIEW_PRESETS: dict[str, Callable[[int, int], list[ViewSpec]]] = {
     "simclr": simclr_views,
     "byol": byol_views,
     "dino": dino_views,
+    "supervised": supervised_views,
     "none": plain_views,
 }
 

@@ -16,6 +16,7 @@ from ssl_lightning.optim import (
     param_groups,
     scale_lr,
 )
+from ssl_lightning.strategies import check_optimizer_under_sharding, unsharded_parameters
 
 
 @dataclass
@@ -43,7 +44,9 @@ def configure_optimization(
     per-step schedule over ``trainer.estimated_stepping_batches``."""
     global_batch = global_batch_size(trainer, batch_size)
     lr = scale_lr(config.lr, global_batch, config.lr_scaling)
-    groups = param_groups(student, config.weight_decay)
+    check_optimizer_under_sharding(config.optimizer, trainer)
+    with unsharded_parameters(trainer):  # FSDP: decide decay by each parameter's real shape
+        groups = param_groups(student, config.weight_decay)
     if probe_params:
         groups.append({
             "name": "probe", "params": probe_params, "weight_decay": 0.0,
@@ -56,16 +59,18 @@ def configure_optimization(
     total_steps = int(trainer.estimated_stepping_batches)
     scheduler = build_lr_scheduler(
         optimizer, config.schedule, total_steps=total_steps,
-        warmup_steps=min(resolve_warmup_steps(config, trainer, total_steps), total_steps),
+        warmup_steps=resolve_warmup_steps(config.warmup_epochs, config.warmup_steps, trainer, total_steps),
         min_lr_ratio=config.min_lr_ratio, cooldown_steps=config.cooldown_steps,
         const_lr_ratio=config.const_lr_ratio, anneal_steps=config.anneal_steps,
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def resolve_warmup_steps(config: OptimizationConfig, trainer: L.Trainer, total_steps: int) -> int:
-    if config.warmup_steps is not None:
-        return config.warmup_steps
+def resolve_warmup_steps(warmup_epochs: float, warmup_steps: int | None, trainer: L.Trainer, total_steps: int) -> int:
+    """``warmup_steps`` when given, else ``warmup_epochs`` in optimizer steps (rounded up); at most
+    ``total_steps``."""
+    if warmup_steps is not None:
+        return min(warmup_steps, total_steps)
     if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.max_steps == -1:
         steps_per_epoch = total_steps / trainer.max_epochs
     else:
@@ -77,4 +82,4 @@ def resolve_warmup_steps(config: OptimizationConfig, trainer: L.Trainer, total_s
                 "warmup_epochs needs a training dataloader with a length; set warmup_steps instead."
             )
         steps_per_epoch = batches / trainer.accumulate_grad_batches
-    return math.ceil(config.warmup_epochs * steps_per_epoch)
+    return min(math.ceil(warmup_epochs * steps_per_epoch), total_steps)
