@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from fakes import TINY_BACKBONE
+
 # Tests run on 2 CPU cores; more intra-op threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -11,3 +13,22 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _work_in_tmp(tmp_path, monkeypatch):
     """Lightning writes logs and checkpoints to the working directory: keep them out of the repo."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def method_checkpoint(tmp_path_factory):
+    """A 2-step tiny SimCLR checkpoint on Digits, for the evaluations of a checkpoint."""
+    # Imported here, not at the top: Lightning, imported before pytest's log capture is installed,
+    # gives its logger a handler of its own and stops propagation, which empties caplog.
+    import lightning as L
+
+    from ssl_lightning.datamodules import Digits
+    from ssl_lightning.methods import SimCLR
+
+    model = SimCLR(**TINY_BACKBONE, proj_hidden_dim=32, proj_dim=16, optimizer="adamw", lr=1e-3)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, Digits(batch_size=32, num_workers=0))
+    path = tmp_path_factory.mktemp("method") / "method.ckpt"
+    trainer.save_checkpoint(path)
+    return path

@@ -12,30 +12,20 @@ from fakes import TINY_BACKBONE
 from ssl_lightning.backbones import build_backbone
 from ssl_lightning.cli import main
 from ssl_lightning.datamodules import Digits
-from ssl_lightning.methods import FineTune, SimCLR
+from ssl_lightning.methods import FineTune
 from ssl_lightning.optim import layer_decay_param_groups
-from test_methods import SMALL_HEADS, quick_trainer
+from test_methods import quick_trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPE = ["--config", str(CONFIGS / "quickstart.yaml"), "--data.batch_size", "32"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model = SimCLR(**TINY_BACKBONE, **SMALL_HEADS, optimizer="adamw", lr=1e-3)
-    trainer = quick_trainer(max_steps=2, limit_val_batches=0)
-    trainer.fit(model, Digits(batch_size=32, num_workers=0))
-    path = tmp_path_factory.mktemp("method") / "method.ckpt"
-    trainer.save_checkpoint(path)
-    return path
-
-
-def test_finetune_cli_trains_the_whole_network_and_writes_the_last_epoch_result(checkpoint, tmp_path):
-    finetune = ["--config", str(CONFIGS / "eval" / "finetune.yaml"), "--model.pretrained", str(checkpoint)]
+def test_finetune_cli_trains_the_whole_network_and_writes_the_last_epoch_result(method_checkpoint, tmp_path):
+    finetune = ["--config", str(CONFIGS / "eval" / "finetune.yaml"), "--model.pretrained", str(method_checkpoint)]
     cli = main(["fit", *RECIPE, *finetune, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2",
                 "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(tmp_path),
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"])
-    model, pretrained = cli.model, torch.load(checkpoint, weights_only=True)["state_dict"]
+    model, pretrained = cli.model, torch.load(method_checkpoint, weights_only=True)["state_dict"]
     assert model.hparams.num_classes == 10 and model.head.out_features == 10 and model.backbone.training
     for name, param in model.backbone.named_parameters():
         assert not torch.equal(param, pretrained[f"backbone.{name}"]), name  # unlike LinearProbe
@@ -46,7 +36,7 @@ def test_finetune_cli_trains_the_whole_network_and_writes_the_last_epoch_result(
 
     record = json.loads((tmp_path / "finetune_top1.json").read_text())
     assert record["dataset"] == "Digits" and record["split"] == "val" and record["epochs"] == 2
-    assert record["metric"] == "finetune_top1" and record["checkpoint"] == str(checkpoint)
+    assert record["metric"] == "finetune_top1" and record["checkpoint"] == str(method_checkpoint)
     assert record["value"] == round(100 * float(cli.trainer.callback_metrics["val/finetune_top1"]), 4)
     for part in ("'supervised' view", "adamw lr 0.0005 per 256 (linear scaling: peak 6.25e-05)", "wd 0.05",
                  "no layer decay", "label smoothing 0.1", "5 warm-up epochs"):
@@ -55,15 +45,15 @@ def test_finetune_cli_trains_the_whole_network_and_writes_the_last_epoch_result(
     assert lines[0].startswith("| dataset |") and len(lines) == 3 and "finetune_top1" in lines[2]
 
 
-def tiny_finetune(checkpoint, **kwargs) -> FineTune:
-    model = FineTune(pretrained=str(checkpoint), in_chans=1, num_classes=10, **kwargs)
+def tiny_finetune(method_checkpoint, **kwargs) -> FineTune:
+    model = FineTune(pretrained=str(method_checkpoint), in_chans=1, num_classes=10, **kwargs)
     model.configure_model()
     return model.eval()  # fixed BatchNorm statistics: the same image gives the same logits in any batch
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a bare training_step, no Trainer
-def test_unlabelled_images_are_left_out_of_the_loss(checkpoint):
-    model = tiny_finetune(checkpoint, label_smoothing=0.1)
+def test_unlabelled_images_are_left_out_of_the_loss(method_checkpoint):
+    model = tiny_finetune(method_checkpoint, label_smoothing=0.1)
     images, labels = torch.randn(6, 1, 32, 32), torch.tensor([3, -1, 7, -1, -1, 0])
     loss = model.training_step({"views": [images], "label": labels, "index": torch.arange(6)}, 0)
     kept = labels >= 0
@@ -76,8 +66,8 @@ def test_unlabelled_images_are_left_out_of_the_loss(checkpoint):
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a bare training_step, no Trainer
-def test_a_batch_without_labels_gives_a_zero_loss_that_reaches_every_parameter(checkpoint):
-    model = tiny_finetune(checkpoint)
+def test_a_batch_without_labels_gives_a_zero_loss_that_reaches_every_parameter(method_checkpoint):
+    model = tiny_finetune(method_checkpoint)
     loss = model.training_step({"views": [torch.randn(4, 1, 32, 32)], "label": torch.full((4,), -1),
                                 "index": torch.arange(4)}, 0)
     loss.backward()
@@ -151,8 +141,8 @@ class RecordLRs(Callback):
         self.lrs.append({group["name"]: group["lr"] for group in trainer.optimizers[0].param_groups})
 
 
-def test_each_group_lr_is_base_lr_times_scale_times_schedule(checkpoint):
-    model = FineTune(pretrained=str(checkpoint), lr=1e-3, lr_scaling="none", layer_decay=0.5, warmup_epochs=1.5)
+def test_each_group_lr_is_base_lr_times_scale_times_schedule(method_checkpoint):
+    model = FineTune(pretrained=str(method_checkpoint), lr=1e-3, lr_scaling="none", layer_decay=0.5, warmup_epochs=1.5)
     record = RecordLRs()
     # 2 epochs x 2 batches = 4 steps, warm-up ceil(1.5 x 2) = 3 steps: factor (step + 1) / 3
     trainer = quick_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[record])
@@ -168,22 +158,22 @@ def test_each_group_lr_is_base_lr_times_scale_times_schedule(checkpoint):
 # ---------------------------------------------------------------- building and errors
 
 
-def test_drop_path_rebuilds_the_backbone_with_stochastic_depth(checkpoint):
-    model = tiny_finetune(checkpoint, drop_path_rate=0.1)
+def test_drop_path_rebuilds_the_backbone_with_stochastic_depth(method_checkpoint):
+    model = tiny_finetune(method_checkpoint, drop_path_rate=0.1)
     assert any(isinstance(module, DropPath) for module in model.backbone.modules())
-    assert not any(isinstance(module, DropPath) for module in tiny_finetune(checkpoint).backbone.modules())
+    assert not any(isinstance(module, DropPath) for module in tiny_finetune(method_checkpoint).backbone.modules())
 
 
-def test_a_multi_view_recipe_is_refused_before_training(checkpoint):
-    model = FineTune(pretrained=str(checkpoint))
+def test_a_multi_view_recipe_is_refused_before_training(method_checkpoint):
+    model = FineTune(pretrained=str(method_checkpoint))
     with pytest.raises(ValueError, match="one view per image, but the DataModule's view recipe makes 2.*supervised"):
         quick_trainer(fast_dev_run=1).fit(model, Digits(batch_size=32, num_workers=0, views="simclr"))
 
 
-def test_clear_errors(checkpoint):
+def test_clear_errors(method_checkpoint):
     with pytest.raises(ValueError, match="needs num_classes"):
-        FineTune(pretrained=str(checkpoint), in_chans=1).configure_model()
+        FineTune(pretrained=str(method_checkpoint), in_chans=1).configure_model()
     with pytest.raises(ValueError, match="takes 1-channel images but the DataModule yields 3-channel"):
-        FineTune(pretrained=str(checkpoint), in_chans=3, num_classes=10).configure_model()
+        FineTune(pretrained=str(method_checkpoint), in_chans=3, num_classes=10).configure_model()
     with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\] or None"):
-        FineTune(pretrained=str(checkpoint), layer_decay=1.5)
+        FineTune(pretrained=str(method_checkpoint), layer_decay=1.5)

@@ -4,44 +4,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from fakes import TINY_BACKBONE
 from ssl_lightning.cli import main
 from ssl_lightning.datamodules import Digits
-from ssl_lightning.methods import LinearProbe, SimCLR
-from test_methods import SMALL_HEADS, quick_trainer
+from ssl_lightning.methods import LinearProbe
+from test_methods import quick_trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPE = ["--config", str(CONFIGS / "quickstart.yaml"), "--data.batch_size", "32"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model = SimCLR(**TINY_BACKBONE, **SMALL_HEADS, optimizer="adamw", lr=1e-3)
-    trainer = quick_trainer(max_steps=2, limit_val_batches=0)
-    trainer.fit(model, Digits(batch_size=32, num_workers=0))
-    path = tmp_path_factory.mktemp("method") / "method.ckpt"
-    trainer.save_checkpoint(path)
-    return path
-
-
-def test_linear_probe_cli_trains_on_cached_features_and_writes_results(checkpoint, tmp_path):
-    main(["fit", *RECIPE, "--config", str(CONFIGS / "eval" / "linear.yaml"), "--model.pretrained", str(checkpoint),
+def test_linear_probe_cli_trains_on_cached_features_and_writes_results(method_checkpoint, tmp_path):
+    main(["fit", *RECIPE, "--config", str(CONFIGS / "eval" / "linear.yaml"), "--model.pretrained", str(method_checkpoint),
           "--trainer.max_epochs", "2", "--model.lr", "5.0", "--trainer.default_root_dir", str(tmp_path),
           "--trainer.enable_progress_bar", "false"])
     record = json.loads((tmp_path / "linear_top1.json").read_text())
     assert record["dataset"] == "Digits" and record["split"] == "val" and record["epochs"] == 2
-    assert record["checkpoint"] == str(checkpoint) and "no augmentation" in record["protocol"]
+    assert record["checkpoint"] == str(method_checkpoint) and "no augmentation" in record["protocol"]
     # chance is 10%; the 2-step backbone gives tiny, weak features (sklearn logistic regression: 35%)
     assert record["value"] > 20
     lines = (tmp_path / "results.md").read_text().splitlines()
     assert lines[0].startswith("| dataset |") and len(lines) == 3 and "linear_top1" in lines[2]
 
 
-def test_backbone_stays_frozen_in_eval_mode_without_the_cache(checkpoint):
-    probe = LinearProbe(pretrained=str(checkpoint), feature_cache=False)
+def test_backbone_stays_frozen_in_eval_mode_without_the_cache(method_checkpoint):
+    probe = LinearProbe(pretrained=str(method_checkpoint), feature_cache=False)
     trainer = quick_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2)
     datamodule = Digits(batch_size=32, num_workers=0)
-    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    state = torch.load(method_checkpoint, weights_only=True)["state_dict"]
     trainer.fit(probe, datamodule)
     assert probe.hparams.num_classes == 10 and not probe.backbone.training
     for key, value in probe.backbone.state_dict().items():
@@ -49,8 +38,8 @@ def test_backbone_stays_frozen_in_eval_mode_without_the_cache(checkpoint):
     assert "val/linear_top1" in trainer.callback_metrics
 
 
-def test_knn_evaluation_cli_reports_k20_and_k200(checkpoint, tmp_path):
-    main(["validate", *RECIPE, "--config", str(CONFIGS / "eval" / "knn.yaml"), "--model.pretrained", str(checkpoint),
+def test_knn_evaluation_cli_reports_k20_and_k200(method_checkpoint, tmp_path):
+    main(["validate", *RECIPE, "--config", str(CONFIGS / "eval" / "knn.yaml"), "--model.pretrained", str(method_checkpoint),
           "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
     for k in (20, 200):
         record = json.loads((tmp_path / f"knn_top1_k{k}.json").read_text())
@@ -59,7 +48,7 @@ def test_knn_evaluation_cli_reports_k20_and_k200(checkpoint, tmp_path):
     assert len((tmp_path / "results.md").read_text().splitlines()) == 4
 
 
-def test_mismatched_channels_are_refused(checkpoint):
-    probe = LinearProbe(pretrained=str(checkpoint), in_chans=3, num_classes=10)
+def test_mismatched_channels_are_refused(method_checkpoint):
+    probe = LinearProbe(pretrained=str(method_checkpoint), in_chans=3, num_classes=10)
     with pytest.raises(ValueError, match="takes 1-channel images but the DataModule yields 3-channel"):
         probe.configure_model()

@@ -1,3 +1,5 @@
+import csv
+
 import lightning as L
 import pytest
 import torch
@@ -87,3 +89,12 @@ def test_unlabelled_batches_skip_the_probe():
     assert torch.equal(model.probe.weight, before)
     assert "train/probe_loss" not in trainer.callback_metrics
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_learning_rates_and_momentum_reach_every_row_the_logger_writes(tmp_path):
+    model = small_method("BYOL", in_chans=1, batch_size=8, optimizer="adamw", lr=1e-3)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    quick_trainer(max_steps=6, log_every_n_steps=3, logger=logger).fit(model, fake_loader(batch_size=8, length=64))
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    assert [row["step"] for row in rows] == ["2", "5"]
+    assert all(row["lr/weights"] and row["lr/no_decay"] and row["momentum"] and row["train/loss"] for row in rows)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from fakes import TINY_BACKBONE
 from test_datamodules import write_folder
 from ssl_lightning.datamodules import Digits, ImageFolder
 from ssl_lightning.datamodules.device_batches import BATCHED_MEASURED_FASTER_UP_TO, IndexItems, resolve_view_device

@@ -59,4 +59,5 @@ class BYOL(SSLMethod):
     def on_optimizer_step(self, step: int) -> None:
         momentum = self.teacher.momentum(step, int(self.trainer.estimated_stepping_batches))
         self.teacher.update(self._online_network(), momentum)
-        self.log("momentum", momentum, batch_size=1)
+        if self.logger_writes_this_step():
+            self.log("momentum", momentum, batch_size=1)

@@ -1,0 +1,198 @@
+"""Framework overhead: images per second of `Trainer.fit` against a bare PyTorch loop doing the
+same work (the method's `shared_step`, backward, optimizer step, LR-scheduler step and, for
+BYOL, the EMA update of the teacher), with the same model, views, optimizer and schedule.
+
+    # the quickstart's backbone (steps of a few hundred ms on one CPU thread)
+    nice -n 19 python benchmarks/framework_overhead.py --out benchmarks/results/framework_overhead.json
+    # a tiny backbone on 16-px views (steps of ~25 ms): per-step costs show most
+    nice -n 19 python benchmarks/framework_overhead.py --widths 8 16 32 64 --image-size 16 --steps 110 \
+        --repeats 9 --out benchmarks/results/framework_overhead_tiny.json
+
+Data loading is not measured: both loops draw the same pre-made batches (fixed random views held
+in memory, handed out by a DataLoader without collation or workers). The methods are built
+without classes, so neither loop has an online probe. Runs alternate (Lightning, bare, Lightning,
+bare, ...) because the machine may be shared, the first `--warmup` steps of every run are not
+timed, and each figure is the median over `--repeats`, by the wall clock and by this process's
+CPU time (which other jobs on the machine disturb less). Lightning runs twice per repeat: with
+fair settings (no logger, progress bar, checkpointing or model summary) and with default-like
+ones (progress bar, on stderr; CSV logger every 50 steps; model summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_lightning.methods import BYOL, BarlowTwins, SimCLR
+from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.optim import build_lr_scheduler, create_optimizer, param_groups
+
+from report import emit  # benchmarks/report.py, beside this script
+
+METHODS = {"simclr": SimCLR, "byol": BYOL, "barlow_twins": BarlowTwins}
+# The quickstart's model and optimizer (configs/quickstart.yaml), heads of the same width for all;
+# the backbone's widths come from --widths.
+MODEL = dict(
+    backbone="resnet18", cifar_stem=True, channels_last=True, in_chans=1, num_classes=None,
+    proj_hidden_dim=512, proj_dim=128, optimizer="adamw", lr=2e-3, weight_decay=1e-4, lr_scaling="none",
+    warmup_steps=10,
+)
+
+
+class PremadeBatches(Dataset):
+    """`length` batch dicts cycling over a few fixed ones: views made once, unlabelled (-1)."""
+
+    def __init__(self, length: int, batch_size: int, image_size: int, distinct: int = 4):
+        generator = torch.Generator().manual_seed(0)
+        self.length = length
+        self.batches = [
+            {
+                "views": [torch.randn(batch_size, 1, image_size, image_size, generator=generator) for _ in range(2)],
+                "label": torch.full((batch_size,), -1),
+                "index": torch.arange(batch_size),
+            }
+            for _ in range(distinct)
+        ]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i % len(self.batches)]
+
+
+def clocks() -> tuple[float, float]:
+    """Wall time, and this process's CPU time, which other jobs on a shared machine disturb less."""
+    return time.perf_counter(), time.process_time()
+
+
+class StepClock(L.Callback):
+    """Both clocks at the end of the last warm-up step and at the end of the last step."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.warmup - 1:
+            self.start = clocks()
+        self.end = clocks()
+
+
+def elapsed(start: tuple[float, float], end: tuple[float, float]) -> dict[str, float]:
+    return {"wall": end[0] - start[0], "cpu": end[1] - start[1]}
+
+
+def build(method: str, batch_size: int, widths: list[int]) -> SSLMethod:
+    torch.manual_seed(0)  # the same initial weights for every run
+    extra = {"pred_hidden_dim": 512} if method == "byol" else {}
+    backbone_kwargs = {"layers": [1, 1, 1, 1], "channels": widths}
+    return METHODS[method](**MODEL, **extra, backbone_kwargs=backbone_kwargs, batch_size=batch_size)
+
+
+def run_lightning(model: SSLMethod, loader: DataLoader, warmup: int, defaults: bool, log_dir: str) -> dict[str, float]:
+    clock = StepClock(warmup)
+    settings = (
+        dict(enable_progress_bar=True, logger=CSVLogger(log_dir), log_every_n_steps=50)
+        if defaults
+        else dict(enable_progress_bar=False, logger=False)
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=len(loader), enable_checkpointing=False,
+        enable_model_summary=defaults, num_sanity_val_steps=0, callbacks=[clock], **settings,
+    )
+    with contextlib.redirect_stdout(sys.stderr):  # the progress bar's; stdout carries the JSON
+        trainer.fit(model, loader)
+    return elapsed(clock.start, clock.end)
+
+
+def run_bare(model: SSLMethod, loader: DataLoader, warmup: int) -> dict[str, float]:
+    model.configure_model()
+    model.train()
+    steps, config = len(loader), model.optimization
+    # What configure_optimizers builds for one process (lr_scaling "none": the LR as given).
+    optimizer = create_optimizer(
+        config.optimizer, param_groups(model, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay,
+        momentum=config.momentum, **config.optimizer_kwargs,
+    )
+    scheduler = build_lr_scheduler(optimizer, config.schedule, total_steps=steps, warmup_steps=config.warmup_steps)
+    for step, batch in enumerate(loader):
+        loss = model.shared_step(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if isinstance(model, BYOL):
+            model.teacher.update(model._online_network(), model.teacher.momentum(step, steps))
+        if step == warmup - 1:
+            start = clocks()
+    return elapsed(start, clocks())
+
+
+def summarise(runs: dict[str, list[dict[str, float]]], timed_images: int) -> dict:
+    """Median images per second per loop and clock, and Lightning's extra time per image over the bare loop."""
+    rate = {
+        loop: {clock: timed_images / statistics.median(run[clock] for run in samples) for clock in ("wall", "cpu")}
+        for loop, samples in runs.items()
+    }
+    return {
+        "images_per_second": {loop: {clock: round(rate[loop][clock], 1) for clock in ("wall", "cpu")} for loop in rate},
+        "overhead_percent": {
+            loop: {clock: round(100 * (rate["bare"][clock] / rate[loop][clock] - 1), 2) for clock in ("wall", "cpu")}
+            for loop in ("lightning", "lightning_defaults")
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
+    parser.add_argument("--widths", type=int, nargs=4, default=[32, 64, 128, 256], help="ResNet stage widths")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=40, help="steps per run, warm-up included")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of every run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # stdout carries only the JSON
+    loader = DataLoader(PremadeBatches(args.steps, args.batch, args.image_size), batch_size=None)
+    runs = {method: {"lightning": [], "bare": [], "lightning_defaults": []} for method in args.methods}
+    with tempfile.TemporaryDirectory() as log_dir:
+        for _ in range(args.repeats):
+            for method in args.methods:
+                model = (method, args.batch, args.widths)
+                runs[method]["lightning"].append(run_lightning(build(*model), loader, args.warmup, False, log_dir))
+                runs[method]["bare"].append(run_bare(build(*model), loader, args.warmup))
+                runs[method]["lightning_defaults"].append(
+                    run_lightning(build(*model), loader, args.warmup, True, log_dir)
+                )
+
+    timed_images = (args.steps - args.warmup) * args.batch
+    results = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+                    "lightning": L.__version__, "threads": torch.get_num_threads()},
+        "settings": {**vars(args), "out": str(args.out), "data": "pre-made views in memory, no workers, no labels",
+                     "images_per_step": args.batch, "views_per_image": 2},
+        **{method: summarise(method_runs, timed_images) for method, method_runs in runs.items()},
+        "seconds_per_run": runs,
+    }
+    emit(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
