@@ -143,3 +143,34 @@ def test_a_checkpoint_from_another_world_size_warns_that_the_rng_cannot_continue
 
     with pytest.warns(UserWarning, match="RNG states of 1 process"):
         RandomStates().on_load_checkpoint(OneRank(), None, {"rng_states": [capture_rng_states()]})
+
+
+class FirstBatchPerRank(L.Callback):
+    """Each rank writes its first training batch's indices and views (ddp_spawn returns nothing else)."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            torch.save({"index": batch["index"], "view": batch["views"][0]}, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_two_ranks_draw_other_samples_and_views_and_checkpoints_hold_both_rng_states(tmp_path):
+    L.seed_everything(0)  # the same seed on both ranks, as a config's seed_everything gives them
+    model = SimCLR(**TINY_BACKBONE, proj_hidden_dim=32, proj_dim=16, optimizer="adamw", lr=1e-3)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=0, logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[RandomStates(), FirstBatchPerRank(tmp_path),
+                   L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)],
+    )
+    trainer.fit(model, Digits(batch_size=16, num_workers=0, view_device="device"))
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert not set(first["index"].tolist()) & set(second["index"].tolist())
+    assert not torch.equal(first["view"], second["view"])
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert len(checkpoint["rng_states"]) == 2
+    assert checkpoint["Digits"]["train_data_position"]["num_replicas"] == 2
