@@ -14,6 +14,8 @@ Differences from the CPU pipeline (measured in docs/device_views.md):
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,15 +107,35 @@ def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
+def blends_selections(device: torch.device) -> bool:
+    """Whether per-sample choices are applied by blending (accelerators) rather than indexing."""
+    return device.type != "cpu"
+
+
+def apply_to(chosen: torch.Tensor, images: torch.Tensor, op, *args: torch.Tensor) -> torch.Tensor:
+    """``op(images[i], args[i])`` where ``chosen[i]``, ``images[i]`` elsewhere; ops are per sample.
+
+    On the CPU the chosen samples are picked by index, so no work is spent on the others. On an
+    accelerator picking by a boolean mask needs the count on the host, a sync that stalls the
+    stream every time (dozens per step); there every sample goes through ``op`` and ``torch.where``
+    keeps the chosen results, more arithmetic but no wait. The CPU path writes into ``images``, so
+    callers pass a tensor of their own.
+    """
+    if blends_selections(images.device):
+        return torch.where(chosen.view(-1, 1, 1, 1), op(images, *args), images)
+    picked = chosen.nonzero().squeeze(1)
+    if len(picked):  # none picked: nothing to run (a grouped convolution over zero channels fails)
+        images[picked] = op(images[picked], *(arg[picked] for arg in args))
+    return images
+
+
 def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Applies op order[i, k] with factors[i, op] in slot k. Each slot runs each op once on the
-    samples that drew it, so the work is four ops over the batch whatever the orders."""
+    """Applies op order[i, k] with factors[i, op] in slot k. Each slot runs each op on the samples
+    that drew it, so on the CPU the work is four ops over the batch whatever the orders."""
     out = images.clone()
     for slot in range(4):
         for op_index, op in enumerate(JITTER_OPS):
-            chosen = (order[:, slot] == op_index).nonzero().squeeze(1)
-            if len(chosen):
-                out[chosen] = op(out[chosen], factors[chosen, op_index])
+            out = apply_to(order[:, slot] == op_index, out, op, factors[:, op_index])
     return out
 
 
@@ -143,16 +165,13 @@ def augment(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator | N
     out = crop_resize(images, boxes, spec.crop_size, sample_mask(n, spec.flip_p, **kw))
     if spec.jitter_p > 0:
         factors, order = sample_jitter(n, spec.brightness, spec.contrast, spec.saturation, spec.hue, **kw)
-        applied = sample_mask(n, spec.jitter_p, **kw).nonzero().squeeze(1)
-        if len(applied):
-            out[applied] = color_jitter(out[applied], factors[applied], order[applied])
+        out = apply_to(sample_mask(n, spec.jitter_p, **kw), out, color_jitter, factors, order)
     if spec.grayscale_p > 0 and out.shape[1] == 3:
         out = torch.where(sample_mask(n, spec.grayscale_p, **kw).view(-1, 1, 1, 1), to_gray(out).expand_as(out), out)
     if spec.blur_p > 0:
         sigma = sample_sigma(n, spec.blur_sigma, **kw)
-        applied = sample_mask(n, spec.blur_p, **kw).nonzero().squeeze(1)
-        if len(applied):  # a grouped convolution over zero channels is an error
-            out[applied] = gaussian_blur(out[applied], sigma[applied], blur_kernel_size(spec.crop_size))
+        blur = partial(gaussian_blur, kernel_size=blur_kernel_size(spec.crop_size))
+        out = apply_to(sample_mask(n, spec.blur_p, **kw), out, blur, sigma)
     if spec.solarize_p > 0:
         out = torch.where(sample_mask(n, spec.solarize_p, **kw).view(-1, 1, 1, 1), solarize(out), out)
     return out
