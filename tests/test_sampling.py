@@ -140,6 +140,7 @@ def test_resuming_from_an_end_of_epoch_checkpoint_written_after_validation_conti
 def test_a_checkpoint_from_another_world_size_warns_that_the_rng_cannot_continue_exactly():
     class OneRank:
         world_size, global_rank = 2, 0
+        state = type("State", (), {"fn": "fit"})()
 
     with pytest.warns(UserWarning, match="RNG states of 1 process"):
         RandomStates().on_load_checkpoint(OneRank(), None, {"rng_states": [capture_rng_states()]})
@@ -174,3 +175,13 @@ def test_two_ranks_draw_other_samples_and_views_and_checkpoints_hold_both_rng_st
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert len(checkpoint["rng_states"]) == 2
     assert checkpoint["Digits"]["train_data_position"]["num_replicas"] == 2
+
+
+def test_evaluating_a_checkpoint_neither_restores_nor_warns_about_rng_states(recwarn):
+    class Validating:
+        world_size, global_rank = 1, 0
+        state = type("State", (), {"fn": "validate"})()
+
+    callback = RandomStates()
+    callback.on_load_checkpoint(Validating(), None, {})
+    assert callback._pending is None and not recwarn.list

@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 CHECKPOINT_KEY = "rng_states"
@@ -61,6 +62,8 @@ class RandomStates(L.Callback):
         checkpoint[CHECKPOINT_KEY] = per_rank
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:  # validate / test / predict draw nothing to continue
+            return
         per_rank = checkpoint.get(CHECKPOINT_KEY)
         if not per_rank:
             rank_zero_warn("The checkpoint holds no RNG states (written without RandomStates): "

@@ -80,8 +80,9 @@ class SeededSampler(DistributedSampler):
         if self._resume is not None and self._resume.epoch == self.epoch:
             start = self._resume.samples_done
         self._resume = None
-        for index in mine[start:].tolist():
-            yield index, int(seeds[index])
+        mine = mine[start:]
+        # One conversion per epoch: the main process hands out every index of the epoch from here.
+        yield from zip(mine.tolist(), seeds[mine].tolist())
 
     def resume_at(self, position: Position) -> None:
         """Start the next pass at ``position`` (its epoch becomes the current one)."""
