@@ -29,15 +29,16 @@ _NORM_LAYERS = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """Split the trainable parameters of `module` into a decayed and a non-decayed group.
 
-    `"no_decay"` holds biases, every parameter of a normalisation layer and any other parameter
-    with at most one dimension; `"weights"` holds the rest. Frozen parameters are left out, a
+    `"no_decay"` holds biases, every parameter of a normalisation layer, any other parameter
+    with at most one dimension, and the parameters a submodule lists in timm's
+    `no_weight_decay()` (a ViT's pos_embed and cls_token); `"weights"` holds the rest. Frozen parameters are left out, a
     parameter shared by several modules appears once, and empty groups are dropped. With LARS and
     LAMB the `"no_decay"` group is also excluded from the layer-wise adaptation (see
     `create_optimizer`).
     """
     weights, no_decay = [], []
-    for _, layer, param in _trainable(module):
-        (weights if _decays(layer, param) else no_decay).append(param)
+    for _, param, decays in _trainable(module):
+        (weights if decays else no_decay).append(param)
     groups = [
         {"name": "weights", "params": weights, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
@@ -45,18 +46,24 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def _trainable(module: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter]]:
-    """Each trainable parameter of `module` once (a shared one too): its name, its owner, itself."""
+def _trainable(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, bool]]:
+    """Each trainable parameter of `module` once (a shared one too): its name, itself, and whether
+    weight decay applies to it (see `param_groups`)."""
+    no_decay_patterns = [
+        f"{prefix}.{pattern}" if prefix else pattern
+        for prefix, layer in module.named_modules() if hasattr(layer, "no_weight_decay")
+        for pattern in layer.no_weight_decay()
+    ]
     seen = set()
     for prefix, layer in module.named_modules():
         for name, param in layer.named_parameters(recurse=False):
             if param.requires_grad and id(param) not in seen:
                 seen.add(id(param))
-                yield f"{prefix}.{name}" if prefix else name, layer, param
-
-
-def _decays(layer: nn.Module, param: nn.Parameter) -> bool:
-    return not (isinstance(layer, _NORM_LAYERS) or param.ndim <= 1)
+                full_name = f"{prefix}.{name}" if prefix else name
+                decays = not (isinstance(layer, _NORM_LAYERS) or param.ndim <= 1) and not any(
+                    fnmatch(full_name, pattern) for pattern in no_decay_patterns
+                )
+                yield full_name, param, decays
 
 
 # torchvision's ResNets have no `group_matcher`, but their parameter names are timm's ResNet ones.
@@ -103,18 +110,14 @@ def layer_decay_param_groups(
     group's `"lr"` to `lr * lr_scale`; `build_lr_scheduler` then follows each group's own peak.
 
     No weight decay: `param_groups`' rule (biases, normalisation parameters, other <= 1-D
-    parameters) plus the names the backbone lists in timm's `no_weight_decay()` (a ViT's
-    pos_embed and cls_token), as in timm's, MAE's and BEiT's fine-tuning.
+    parameters, the names listed in timm's `no_weight_decay()`, such as a ViT's pos_embed and
+    cls_token), as in timm's, MAE's and BEiT's fine-tuning.
     """
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay}.")
     decay_off = layer_decay is None or layer_decay == 1.0
-    skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
-    entries = [
-        (name, param, _decays(layer, param) and not any(fnmatch(name, pattern) for pattern in skip))
-        for name, layer, param in _trainable(backbone)
-    ]
-    entries += [(_HEAD + name, param, _decays(layer, param)) for name, layer, param in _trainable(head)]
+    entries = list(_trainable(backbone))
+    entries += [(_HEAD + name, param, decays) for name, param, decays in _trainable(head)]
     ids = dict.fromkeys((name for name, *_ in entries), 0) if decay_off else layer_ids(backbone, head)
     top = max(ids.values())
     groups: dict[tuple[int, bool], dict] = {}

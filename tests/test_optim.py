@@ -6,6 +6,7 @@ import torch
 from timm.optim import AdamP, Lamb, Lars
 from torch import nn
 
+from ssl_lightning.backbones import build_backbone
 from ssl_lightning.optim import (
     OPTIMIZERS,
     build_lr_scheduler,
@@ -208,6 +209,15 @@ def test_param_groups_shared_parameter_appears_once_and_empty_groups_dropped():
     groups = param_groups(net, weight_decay=0.1)
     assert [group["name"] for group in groups] == ["weights"]
     assert len(groups[0]["params"]) == 1
+
+
+def test_param_groups_honour_no_weight_decay_of_a_nested_timm_vit():
+    # Pre-training wraps the backbone with heads, so the ViT's own list must be found below the root.
+    vit = build_backbone("vit_tiny_patch16_224", kwargs={"img_size": 16, "patch_size": 4, "depth": 1})
+    student = nn.ModuleList([vit, nn.Linear(192, 8)])
+    no_decay = ids(next(g for g in param_groups(student, 0.05) if g["name"] == "no_decay")["params"])
+    assert {id(vit.pos_embed), id(vit.cls_token)} <= no_decay
+    assert id(vit.patch_embed.proj.weight) not in no_decay
 
 
 # ---------------------------------------------------------------- optimizers
