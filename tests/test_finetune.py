@@ -24,7 +24,8 @@ def test_finetune_cli_trains_the_whole_network_and_writes_the_last_epoch_result(
     finetune = ["--config", str(CONFIGS / "eval" / "finetune.yaml"), "--model.pretrained", str(method_checkpoint)]
     cli = main(["fit", *RECIPE, *finetune, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2",
                 "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(tmp_path),
-                "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"])
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+                "--trainer.log_every_n_steps", "1"])
     model, pretrained = cli.model, torch.load(method_checkpoint, weights_only=True)["state_dict"]
     assert model.hparams.num_classes == 10 and model.head.out_features == 10 and model.backbone.training
     for name, param in model.backbone.named_parameters():

@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_lightning.backbones import build_backbone, feature_dim
 from ssl_lightning.methods.data_link import DataFacts, read_data_facts
-from ssl_lightning.methods.optimization import OptimizationConfig, configure_optimization
+from ssl_lightning.methods.optimization import OptimizationConfig, configure_optimization, log_learning_rates
 
 
 class SSLMethod(L.LightningModule):
@@ -249,19 +249,7 @@ class SSLMethod(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if not self.logger_writes_this_step():
-            return
-        for group in self.trainer.optimizers[0].param_groups:
-            self.log(f"lr/{group.get('name', 'group')}", group["lr"], batch_size=1)
-
-    def logger_writes_this_step(self) -> bool:
-        """Whether the logger writes this training step's values (Lightning's every-n-steps rule).
-
-        Values that are only worth reading in the logs (learning rates, EMA momentum) are logged on
-        those steps alone: each ``self.log`` call costs about 0.2 ms, a few percent of a small step.
-        """
-        trainer = self.trainer
-        return bool(trainer.fast_dev_run) or (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+        log_learning_rates(self)
 
     def configure_optimizers(self):
         probe_params = list(self.probe.parameters()) if self.probe is not None else []

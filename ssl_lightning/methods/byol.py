@@ -7,6 +7,7 @@ from torch import nn
 from ssl_lightning.heads import MLPHead
 from ssl_lightning.losses import normalized_regression
 from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.methods.optimization import logger_writes_this_step
 from ssl_lightning.methods.teacher import EMATeacher
 
 
@@ -59,5 +60,5 @@ class BYOL(SSLMethod):
     def on_optimizer_step(self, step: int) -> None:
         momentum = self.teacher.momentum(step, int(self.trainer.estimated_stepping_batches))
         self.teacher.update(self._online_network(), momentum)
-        if self.logger_writes_this_step():
+        if logger_writes_this_step(self.trainer):
             self.log("momentum", momentum, batch_size=1)

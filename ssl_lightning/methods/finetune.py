@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_lightning.methods.base import read_batch_size, require_views
-from ssl_lightning.methods.optimization import resolve_warmup_steps
+from ssl_lightning.methods.optimization import log_learning_rates, resolve_warmup_steps
 from ssl_lightning.methods.pretrained import PretrainedBackboneModule
 from ssl_lightning.optim import (
     build_lr_scheduler,
@@ -153,8 +153,7 @@ class FineTune(PretrainedBackboneModule):
         self.log("val/finetune_top5", self.val_top5)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        for group in self.trainer.optimizers[0].param_groups:
-            self.log(f"lr/{group['name']}", group["lr"], batch_size=1)
+        log_learning_rates(self)
 
     def configure_optimizers(self):
         hp = self.hparams

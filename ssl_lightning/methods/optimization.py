@@ -83,3 +83,20 @@ def resolve_warmup_steps(warmup_epochs: float, warmup_steps: int | None, trainer
             )
         steps_per_epoch = batches / trainer.accumulate_grad_batches
     return min(math.ceil(warmup_epochs * steps_per_epoch), total_steps)
+
+
+def logger_writes_this_step(trainer: L.Trainer) -> bool:
+    """Whether the logger writes this training step's values (Lightning's every-n-steps rule).
+
+    Values only worth reading in the logs (learning rates, EMA momentum) are logged on those steps
+    alone: each ``self.log`` call costs about 0.2 ms, a few percent of a small step.
+    """
+    return bool(trainer.fast_dev_run) or (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+
+
+def log_learning_rates(module: L.LightningModule) -> None:
+    """``lr/<group>`` of every parameter group, on the steps the logger writes."""
+    if not logger_writes_this_step(module.trainer):
+        return
+    for group in module.trainer.optimizers[0].param_groups:
+        module.log(f"lr/{group.get('name', 'group')}", group["lr"], batch_size=1)
