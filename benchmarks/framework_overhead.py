@@ -7,15 +7,20 @@ BYOL, the EMA update of the teacher), with the same model, views, optimizer and 
     # a tiny backbone on 16-px views (steps of ~25 ms): per-step costs show most
     nice -n 19 python benchmarks/framework_overhead.py --widths 8 16 32 64 --image-size 16 --steps 110 \
         --repeats 9 --out benchmarks/results/framework_overhead_tiny.json
+    # on a GPU: ResNet-18 (CIFAR stem) on 32-px RGB views at batch 256, as the CIFAR-10 recipes
+    python3 benchmarks/framework_overhead.py --device cuda --layers 2 2 2 2 --widths 64 128 256 512 \
+        --in-chans 3 --batch 256 --steps 120 --warmup 20 --repeats 5 --out $OUT/framework_overhead_gpu.json
 
 Data loading is not measured: both loops draw the same pre-made batches (fixed random views held
 in memory, handed out by a DataLoader without collation or workers). The methods are built
 without classes, so neither loop has an online probe. Runs alternate (Lightning, bare, Lightning,
 bare, ...) because the machine may be shared, the first `--warmup` steps of every run are not
 timed, and each figure is the median over `--repeats`, by the wall clock and by this process's
-CPU time (which other jobs on the machine disturb less). Lightning runs twice per repeat: with
+CPU time (which other jobs on the machine disturb less; on a GPU only the wall clock, read after
+``torch.cuda.synchronize()``, means anything). Lightning runs twice per repeat: with
 fair settings (no logger, progress bar, checkpointing or model summary) and with default-like
-ones (progress bar, on stderr; CSV logger every 50 steps; model summary).
+ones, as the CLI sets them (its progress bar, ``ThrottledProgressBar``, on stderr; CSV logger
+every 50 steps; model summary).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_lightning.callbacks import ThrottledProgressBar
 from ssl_lightning.methods import BYOL, BarlowTwins, SimCLR
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.optim import build_lr_scheduler, create_optimizer, param_groups
@@ -52,16 +58,18 @@ MODEL = dict(
 
 
 class PremadeBatches(Dataset):
-    """`length` batch dicts cycling over a few fixed ones: views made once, unlabelled (-1)."""
+    """`length` batch dicts cycling over a few fixed ones: views made once, on the device, unlabelled (-1)."""
 
-    def __init__(self, length: int, batch_size: int, image_size: int, distinct: int = 4):
+    def __init__(self, length: int, batch_size: int, image_size: int, in_chans: int, device: torch.device,
+                 distinct: int = 4):
         generator = torch.Generator().manual_seed(0)
         self.length = length
+        shape = (batch_size, in_chans, image_size, image_size)
         self.batches = [
             {
-                "views": [torch.randn(batch_size, 1, image_size, image_size, generator=generator) for _ in range(2)],
-                "label": torch.full((batch_size,), -1),
-                "index": torch.arange(batch_size),
+                "views": [torch.randn(shape, generator=generator).to(device) for _ in range(2)],
+                "label": torch.full((batch_size,), -1, device=device),
+                "index": torch.arange(batch_size, device=device),
             }
             for _ in range(distinct)
         ]
@@ -73,44 +81,52 @@ class PremadeBatches(Dataset):
         return self.batches[i % len(self.batches)]
 
 
-def clocks() -> tuple[float, float]:
-    """Wall time, and this process's CPU time, which other jobs on a shared machine disturb less."""
+def clocks(device: torch.device) -> tuple[float, float]:
+    """Wall time, and this process's CPU time, which other jobs on a shared machine disturb less;
+    on a GPU once it has run everything queued (kernels are asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter(), time.process_time()
 
 
 class StepClock(L.Callback):
     """Both clocks at the end of the last warm-up step and at the end of the last step."""
 
-    def __init__(self, warmup: int):
-        self.warmup = warmup
+    def __init__(self, warmup: int, last: int):
+        self.warmup, self.last = warmup, last
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Only two readings: a synchronised reading on every step would stall the GPU's queue.
         if batch_idx == self.warmup - 1:
-            self.start = clocks()
-        self.end = clocks()
+            self.start = clocks(pl_module.device)
+        elif batch_idx == self.last:
+            self.end = clocks(pl_module.device)
 
 
 def elapsed(start: tuple[float, float], end: tuple[float, float]) -> dict[str, float]:
     return {"wall": end[0] - start[0], "cpu": end[1] - start[1]}
 
 
-def build(method: str, batch_size: int, widths: list[int]) -> SSLMethod:
+def build(method: str, args: argparse.Namespace) -> SSLMethod:
     torch.manual_seed(0)  # the same initial weights for every run
     extra = {"pred_hidden_dim": 512} if method == "byol" else {}
-    backbone_kwargs = {"layers": [1, 1, 1, 1], "channels": widths}
-    return METHODS[method](**MODEL, **extra, backbone_kwargs=backbone_kwargs, batch_size=batch_size)
+    backbone_kwargs = {"layers": args.layers, "channels": args.widths}
+    return METHODS[method](**{**MODEL, "in_chans": args.in_chans}, **extra, backbone_kwargs=backbone_kwargs,
+                           batch_size=args.batch)
 
 
 def run_lightning(model: SSLMethod, loader: DataLoader, warmup: int, defaults: bool, log_dir: str) -> dict[str, float]:
-    clock = StepClock(warmup)
+    clock = StepClock(warmup, last=len(loader) - 1)
+    device = loader.dataset.batches[0]["index"].device
     settings = (
-        dict(enable_progress_bar=True, logger=CSVLogger(log_dir), log_every_n_steps=50)
+        dict(enable_progress_bar=True, logger=CSVLogger(log_dir), log_every_n_steps=50,
+             callbacks=[clock, ThrottledProgressBar()])
         if defaults
-        else dict(enable_progress_bar=False, logger=False)
+        else dict(enable_progress_bar=False, logger=False, callbacks=[clock])
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=len(loader), enable_checkpointing=False,
-        enable_model_summary=defaults, num_sanity_val_steps=0, callbacks=[clock], **settings,
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=len(loader),
+        enable_checkpointing=False, enable_model_summary=defaults, num_sanity_val_steps=0, **settings,
     )
     with contextlib.redirect_stdout(sys.stderr):  # the progress bar's; stdout carries the JSON
         trainer.fit(model, loader)
@@ -118,8 +134,9 @@ def run_lightning(model: SSLMethod, loader: DataLoader, warmup: int, defaults: b
 
 
 def run_bare(model: SSLMethod, loader: DataLoader, warmup: int) -> dict[str, float]:
+    device = loader.dataset.batches[0]["index"].device
     model.configure_model()
-    model.train()
+    model.to(device).train()
     steps, config = len(loader), model.optimization
     # What configure_optimizers builds for one process (lr_scaling "none": the LR as given).
     optimizer = create_optimizer(
@@ -136,8 +153,8 @@ def run_bare(model: SSLMethod, loader: DataLoader, warmup: int) -> dict[str, flo
         if isinstance(model, BYOL):
             model.teacher.update(model._online_network(), model.teacher.momentum(step, steps))
         if step == warmup - 1:
-            start = clocks()
-    return elapsed(start, clocks())
+            start = clocks(device)
+    return elapsed(start, clocks(device))
 
 
 def summarise(runs: dict[str, list[dict[str, float]]], timed_images: int) -> dict:
@@ -159,6 +176,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=sorted(METHODS))
     parser.add_argument("--widths", type=int, nargs=4, default=[32, 64, 128, 256], help="ResNet stage widths")
+    parser.add_argument("--layers", type=int, nargs=4, default=[1, 1, 1, 1], help="ResNet blocks per stage")
+    parser.add_argument("--in-chans", type=int, default=1, help="view channels (the quickstart's digits: 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=40, help="steps per run, warm-up included")
@@ -170,22 +190,23 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # stdout carries only the JSON
-    loader = DataLoader(PremadeBatches(args.steps, args.batch, args.image_size), batch_size=None)
+    device = torch.device(args.device)
+    loader = DataLoader(PremadeBatches(args.steps, args.batch, args.image_size, args.in_chans, device), batch_size=None)
     runs = {method: {"lightning": [], "bare": [], "lightning_defaults": []} for method in args.methods}
     with tempfile.TemporaryDirectory() as log_dir:
         for _ in range(args.repeats):
             for method in args.methods:
-                model = (method, args.batch, args.widths)
-                runs[method]["lightning"].append(run_lightning(build(*model), loader, args.warmup, False, log_dir))
-                runs[method]["bare"].append(run_bare(build(*model), loader, args.warmup))
+                runs[method]["lightning"].append(run_lightning(build(method, args), loader, args.warmup, False, log_dir))
+                runs[method]["bare"].append(run_bare(build(method, args), loader, args.warmup))
                 runs[method]["lightning_defaults"].append(
-                    run_lightning(build(*model), loader, args.warmup, True, log_dir)
+                    run_lightning(build(method, args), loader, args.warmup, True, log_dir)
                 )
 
     timed_images = (args.steps - args.warmup) * args.batch
     results = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "lightning": L.__version__, "threads": torch.get_num_threads()},
+                    "lightning": L.__version__, "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "settings": {**vars(args), "out": str(args.out), "data": "pre-made views in memory, no workers, no labels",
                      "images_per_step": args.batch, "views_per_image": 2},
         **{method: summarise(method_runs, timed_images) for method, method_runs in runs.items()},

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -18,6 +18,7 @@ from ssl_lightning import callbacks as callbacks_module
 from ssl_lightning import datamodules as datamodules_module
 from ssl_lightning.export import export_command
 from ssl_lightning.callbacks.preemption import SaveOnInterrupt
+from ssl_lightning.callbacks.progress import ThrottledProgressBar
 from ssl_lightning.callbacks.random_states import RandomStates
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
 from ssl_lightning.methods import EVALUATIONS, METHODS
@@ -142,6 +143,10 @@ class SSLCLI(LightningCLI):
         for always_on in (SaveOnInterrupt, RandomStates):
             if not any(isinstance(callback, always_on) for callback in callbacks):
                 callbacks.append(always_on())
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(callback, ProgressBar) for callback in callbacks
+        ):
+            callbacks.append(ThrottledProgressBar())
         return super().instantiate_trainer(**{**kwargs, "plugins": plugins, "callbacks": callbacks})
 
     def _subcommand_config(self):

@@ -22,12 +22,19 @@ BATCH_SIZE, DEVICES, LR = 32, 2, 2.0e-3
 
 
 class LossRecordingSimCLR(SimCLR):
-    """Keeps the NT-Xent value of the step (the returned loss also holds the rank-local probe loss)."""
+    """Keeps the NT-Xent value of the step (the returned loss also holds the rank-local probe loss)
+    and the online probe's correct and labelled counts on this rank, before its update."""
 
     def shared_step(self, batch: dict) -> dict:
         out = super().shared_step(batch)
         self.last_ssl_loss = float(out["loss"])
         return out
+
+    def _probe_step(self, feats, labels, logs_now):
+        labelled = labels >= 0
+        with torch.no_grad():
+            self.last_probe_counts = [int((self.probe(feats).argmax(1) == labels)[labelled].sum()), int(labelled.sum())]
+        return super()._probe_step(feats, labels, logs_now)
 
 
 class RecordRanks(L.Callback):
@@ -45,6 +52,7 @@ class RecordRanks(L.Callback):
             "local_batch": batch["views"][0].shape[0],
             "peak_lr": {g["name"]: g["initial_lr"] for g in trainer.optimizers[0].param_groups},
             "ssl_loss": pl_module.last_ssl_loss,
+            "probe_counts": pl_module.last_probe_counts,
         }
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -87,3 +95,7 @@ def test_ddp_spawn_fit_on_two_cpu_processes(tmp_path):
     logged_lr = [float(row["lr/weights"]) for row in rows if row["lr/weights"]]
     assert logged_lr and max(logged_lr) == pytest.approx(scaled)
     assert all(torch.isfinite(torch.tensor(float(row["train/loss"]))) for row in rows if row["train/loss"])
+    # The probe's training accuracy counts every labelled image of both ranks once.
+    hits, labelled = (sum(r["probe_counts"][i] for r in ranks) for i in (0, 1))
+    first = next(row for row in rows if row["step"] == "0" and row["train/probe_top1"])
+    assert float(first["train/probe_top1"]) == pytest.approx(hits / labelled)

@@ -1,4 +1,6 @@
-"""CUDA-only checks: mixed precision, channels-last and SyncBatchNorm on a real GPU."""
+"""CUDA-only checks: mixed precision, channels-last, SyncBatchNorm and host syncs on a real GPU."""
+
+import warnings
 
 import lightning as L
 import pytest
@@ -6,6 +8,8 @@ import torch
 from torch import nn
 
 from fakes import TINY_BACKBONE, fake_loader
+from ssl_lightning.callbacks import ThrottledProgressBar
+from ssl_lightning.datamodules import Digits
 from ssl_lightning.methods import METHODS
 
 pytestmark = [
@@ -52,3 +56,40 @@ def test_sync_batchnorm_converts_and_trains_on_gpu():
     trainer.fit(model, fake_loader(size=16))
     assert seen.norms and all(isinstance(m, nn.SyncBatchNorm) for m in seen.norms)  # teacher's too
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+class SyncWarningsPerStep(L.Callback):
+    """CUDA's sync debug mode on for all of training; the warnings it raises are attributed to the
+    step whose end follows them (the batch's loading, transfer and device views included)."""
+
+    def __init__(self, caught: list):
+        self.caught, self.per_step, self._taken = caught, {}, 0
+
+    def on_train_start(self, trainer, pl_module):
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        messages = [str(w.message) for w in self.caught[self._taken:] if "synchroniz" in str(w.message)]
+        self.per_step[trainer.global_step - 1], self._taken = messages, len(self.caught)
+
+    def on_train_end(self, trainer, pl_module):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_training_steps_between_logger_steps_never_wait_for_the_gpu(name, tmp_path):
+    model = METHODS[name](**TINY_BACKBONE, **SMALL_HEADS, **({"pred_hidden_dim": 32} if name == "BYOL" else {}),
+                          channels_last=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watch = SyncWarningsPerStep(caught)
+        trainer = L.Trainer(
+            accelerator="gpu", devices=1, max_steps=8, log_every_n_steps=4, precision="bf16-mixed",
+            logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False, enable_model_summary=False,
+            limit_val_batches=0, callbacks=[ThrottledProgressBar(metrics_every_s=3600), watch],
+        )
+        # Device views from the in-memory uint8 dataset: the whole data path runs on the GPU.
+        trainer.fit(model, Digits(batch_size=32, num_workers=0, view_device="device", in_memory=True))
+    # Step 0 pays the start-up (moving the dataset, cuDNN's choices); steps 3 and 7 are logger steps.
+    waits = {step: messages for step, messages in watch.per_step.items() if step not in (0, 3, 7) and messages}
+    assert len(watch.per_step) == 8 and not waits, waits

@@ -98,7 +98,9 @@ def test_nan_on_one_rank_stops_every_rank(tmp_path):
     model = make(NaNOnRankOne, bad_step=1)
     fit = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    with pytest.raises(Exception, match=r"NaNOnRankOne: non-finite loss at step 1 .*on this or another rank"):
+    # Rank 0 names rank 1's step and terms: the records are gathered when they are read (here at the end).
+    with pytest.raises(Exception, match=r"NaNOnRankOne: non-finite loss at step 1 \(epoch 0\) on rank 1 "
+                                        r"\(loss=nan, loss/align=nan, loss/uniform=0.5\)\. Noticed after step 2"):
         fit.fit(model, fake_loader(batch_size=8, length=64))
 
 
@@ -117,3 +119,12 @@ def test_nan_on_one_rank_is_skipped_by_every_rank(tmp_path):
         assert not same(weights[3], weights[2])
         assert all(torch.isfinite(p).all() for p in weights[3])
     assert same(ranks[0][3], ranks[1][3])
+
+
+def test_raise_reads_the_loss_on_logger_steps_and_names_the_step_it_went_bad(tmp_path):
+    model = make()
+    fit = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=False, max_steps=10, log_every_n_steps=4)
+    with pytest.raises(FloatingPointError, match=r"at step 2 \(epoch 0\) \(loss=nan.*Noticed after step 3"):
+        fit.fit(model, fake_loader(batch_size=8, length=80))
+    assert fit.global_step == 3  # stopped inside step 3, the first step the logger writes (every 4th)

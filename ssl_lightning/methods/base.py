@@ -12,13 +12,18 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_lightning.backbones import build_backbone, feature_dim
 from ssl_lightning.methods.data_link import DataFacts, read_data_facts
-from ssl_lightning.methods.optimization import OptimizationConfig, configure_optimization, log_learning_rates
+from ssl_lightning.methods.nonfinite import NonFiniteGuard
+from ssl_lightning.methods.optimization import (
+    OptimizationConfig,
+    configure_optimization,
+    log_learning_rates,
+    logger_writes_this_step,
+)
 
 
 class SSLMethod(L.LightningModule):
@@ -55,8 +60,10 @@ class SSLMethod(L.LightningModule):
             (``nn.Module.compile``), so parameter names and checkpoints are those of an eager run.
             The first steps, and the first validation step, pay the compilation.
         on_nonfinite_loss: what a NaN/inf loss on any rank does: "raise" stops the run with an
-            error naming the step and the loss terms (no checkpoint is written for that state);
-            "skip" drops the optimizer step on every rank with a warning: the gradients are
+            error naming the step and the loss terms (no checkpoint is written for that state). So
+            as not to stall the accelerator, the loss is read only on the steps the logger writes,
+            before validation and before checkpoints: the error comes at the next of those.
+            "skip" reads the loss on every step (a host sync per step) and drops the optimizer step on every rank with a warning: the gradients are
             discarded before the optimizer sees them, so no weight or optimizer state changes
             (Lightning still counts the step and advances the LR schedule; an EMA teacher still
             takes its step). Works under DDP; see docs/reliability.md.
@@ -93,8 +100,6 @@ class SSLMethod(L.LightningModule):
         on_nonfinite_loss: Literal["raise", "skip"] = "raise",
     ):
         super().__init__()
-        if on_nonfinite_loss not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite_loss must be 'raise' or 'skip', got {on_nonfinite_loss!r}")
         custom_backbone = isinstance(backbone, nn.Module)
         self.save_hyperparameters(ignore=["backbone"] if custom_backbone else None)
         self._custom_backbone = backbone if custom_backbone else None
@@ -106,6 +111,7 @@ class SSLMethod(L.LightningModule):
         )
         self.backbone: nn.Module | None = None
         self.probe: nn.Linear | None = None
+        self.nonfinite = NonFiniteGuard(on_nonfinite_loss, type(self).__name__)
         self._discard_gradients = False  # set by a skipped non-finite step
 
     # ----------------------------------------------------------------- building
@@ -174,52 +180,46 @@ class SSLMethod(L.LightningModule):
         require_views(batch, type(self).__name__)
         out = self.shared_step(batch)
         loss = out["loss"]
-        # Decided on all ranks together, so that every rank stops, or skips, at the same step (no
-        # rank left waiting in DDP's gradient all-reduce).
-        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
-            self._nonfinite_loss(out)
-            # Skipping: every rank still runs the backward, so DDP's all-reduce completes, and
+        # Host syncs happen only on the steps the logger writes (see NonFiniteGuard and _probe_step).
+        logs_now = logger_writes_this_step(self.trainer)
+        if self.nonfinite.policy == "skip":
+            # Every rank still runs the backward, so DDP's all-reduce completes, and
             # on_before_optimizer_step throws the gradients away.
-            self._discard_gradients = True
-            if self.probe is not None and "feats" in out:
-                loss = loss + self._probe_step(out["feats"].detach(), batch["label"])
-            return loss
-        batch_size = batch["views"][0].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        for name, value in out.items():
-            if name.startswith("loss/"):
-                self.log(f"train/{name}", value, batch_size=batch_size, sync_dist=True)
+            self._discard_gradients = self.nonfinite.skips(out, self.trainer)
+        else:
+            self.nonfinite.observe(out, self.trainer)
+            if logs_now:
+                self.nonfinite.check(self.trainer)
+        if not self._discard_gradients:
+            batch_size = batch["views"][0].shape[0]
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+            if logs_now:  # read only in the logs: not worth a log call (~0.2 ms) on every step
+                for name, value in out.items():
+                    if name.startswith("loss/"):
+                        self.log(f"train/{name}", value, batch_size=batch_size, sync_dist=True)
         if self.probe is not None and "feats" in out:
-            loss = loss + self._probe_step(out["feats"].detach(), batch["label"])
+            loss = loss + self._probe_step(out["feats"].detach(), batch["label"], logs_now)
         return loss
 
-    def _nonfinite_loss(self, out: dict[str, torch.Tensor]) -> None:
-        terms = ", ".join(
-            f"{name}={float(value.detach()):.6g}" for name, value in out.items() if name == "loss" or name.startswith("loss/")
-        )
-        where = f"step {self.trainer.global_step} (epoch {self.current_epoch})"
-        if self.hparams.on_nonfinite_loss == "skip":
-            rank_zero_warn(f"{type(self).__name__}: non-finite loss at {where} ({terms}); step skipped.")
-            return
-        callback = self.trainer.checkpoint_callback
-        kept = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-        raise FloatingPointError(
-            f"{type(self).__name__}: non-finite loss at {where} on this or another rank ({terms}). "
-            + (f"The last good checkpoint, {kept}, is kept. " if kept else "")
-            + "Lower the learning rate or add warm-up, check the inputs for NaN, or set "
-            "model.init_args.on_nonfinite_loss=skip to drop such steps."
-        )
+    def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor, logs_now: bool) -> torch.Tensor:
+        """The online probe's loss: the mean cross-entropy over the labelled images (labels >= 0).
 
-    def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        Every image goes through the probe and the unlabelled ones are masked out, rather than
+        selected: selecting by a mask needs the count on the host, a sync on every step.
+        """
         labelled = labels >= 0
-        if not labelled.any():
-            return feats.new_zeros(())
-        logits = self.probe(feats[labelled])
-        probe_loss = F.cross_entropy(logits, labels[labelled])
-        n = int(labelled.sum())
-        self.log("train/probe_loss", probe_loss, batch_size=n, sync_dist=True)
-        accuracy = (logits.argmax(1) == labels[labelled]).float().mean()
-        self.log("train/probe_top1", accuracy, batch_size=n, sync_dist=True)
+        logits = self.probe(feats)
+        per_image = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * labelled
+        count = labelled.sum()
+        probe_loss = per_image.sum() / count.clamp(min=1)  # zero, with a graph, when none is labelled
+        if logs_now:
+            # Sums over all ranks, so the logged values weigh every labelled image once.
+            hits = ((logits.argmax(1) == labels) & labelled).sum()
+            totals = torch.stack([per_image.sum().detach(), hits.float(), count.float()])
+            loss_sum, hit_sum, labelled_sum = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+            if labelled_sum > 0:
+                self.log("train/probe_loss", loss_sum / labelled_sum, batch_size=int(labelled_sum))
+                self.log("train/probe_top1", hit_sum / labelled_sum, batch_size=int(labelled_sum))
         return probe_loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
@@ -263,7 +263,15 @@ class SSLMethod(L.LightningModule):
         require_views(batch, type(self).__name__)
         return {**self.embed(batch["views"][0]), "label": batch["label"], "index": batch["index"]}
 
+    def on_validation_start(self) -> None:
+        self.nonfinite.check(self.trainer)
+
+    def on_train_end(self) -> None:
+        self.nonfinite.check(self.trainer)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None:
+            self.nonfinite.check(self._trainer)  # never a checkpoint of weights a NaN has reached
         # Export and offline evaluation need the input the backbone was trained on, which the
         # DataModule knows but the method's hyperparameters do not (mean, std).
         datamodule = getattr(self._trainer, "datamodule", None)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Everything that waits for a GPU, in four parts of under 10 minutes each, for a session lent the
+# device machine (one H100; the device tool runs each command in a copy of the repository root).
+#
+#   bash benchmarks/gpu_session.sh tests      # pytest -m gpu: bf16, channels-last, SyncBatchNorm, host syncs, FSDP
+#   bash benchmarks/gpu_session.sh speed      # gpu_training_speed.py: images/s, 200-epoch projection, device vs pre-made views
+#   bash benchmarks/gpu_session.sh views      # views_throughput.py on the GPU against a 16-worker PIL loader
+#   bash benchmarks/gpu_session.sh overhead   # framework_overhead.py on the GPU: Lightning against a bare loop
+#
+# Run each through the device tool with carry [".devdata"]; results land in $OUT (JSON, and the
+# pytest log). .devdata is git-ignored and holds the CIFAR-10 npz and the wheels the device image
+# lacks; make it here, once:
+#
+#   mkdir -p .devdata/whl && cp ../shared/data/cifar10_jpeg.npz .devdata/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       -d .devdata/whl jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.14.0
+set -euo pipefail
+
+part=${1:?"which part: tests, speed, views or overhead"}
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .devdata/whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)"
+
+case "$part" in
+  tests)
+    python3 -m pytest -m gpu -p no:cacheprovider -rs --durations=10 tests 2>&1 | tee "$out/pytest_gpu.log"
+    ;;
+  speed)
+    python3 benchmarks/gpu_training_speed.py --data .devdata/cifar10_jpeg.npz --cpu-view-workers 16 \
+      --out "$out/gpu_training_speed.json"
+    python3 benchmarks/gpu_training_speed.py --data .devdata/cifar10_jpeg.npz --precision bf16-mixed \
+      --channels-last --cudnn-benchmark --repeats 2 --out "$out/gpu_training_speed_bf16.json"
+    ;;
+  views)
+    python3 benchmarks/views_throughput.py --device cuda --batch 512 --loader-workers 16 \
+      --out "$out/views_throughput_gpu.json"
+    ;;
+  overhead)
+    python3 benchmarks/framework_overhead.py --device cuda --layers 2 2 2 2 --widths 64 128 256 512 \
+      --in-chans 3 --batch 256 --steps 120 --warmup 20 --repeats 5 --out "$out/framework_overhead_gpu.json"
+    ;;
+  *)
+    echo "unknown part '$part': choose tests, speed, views or overhead" >&2
+    exit 2
+    ;;
+esac
