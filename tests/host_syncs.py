@@ -48,12 +48,25 @@ class HostSyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if self.counting and (name in SYNCING_OPS or selects_by_mask(name, args)):
+        if self.counting and (name in SYNCING_OPS or selects_by_mask(name, args)) and not reads_optimizer_step(name):
             self.seen[(name, caller())] += 1
         return func(*args, **(kwargs or {}))
 
     def total(self) -> int:
         return sum(self.seen.values())
+
+
+def reads_optimizer_step(name: str) -> bool:
+    """torch's optimizers read their step counters with ``.item()``, but keep them in host memory
+    unless ``capturable`` or ``fused`` is set: no wait on a GPU either."""
+    if name != "aten._local_scalar_dense.default":
+        return False
+    wrappers = ("/torch/_dynamo/", "/torch/_compile.py", "/torch/utils/_python_dispatch.py", "/torch/_ops.py")
+    innermost = next(
+        (frame.filename for frame in reversed(traceback.extract_stack()[:-2]) if not any(w in frame.filename for w in wrappers)),
+        "",
+    )
+    return "/torch/optim/" in innermost
 
 
 def caller() -> str:

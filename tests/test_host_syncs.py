@@ -15,7 +15,7 @@ from ssl_lightning.callbacks import ThrottledProgressBar
 from ssl_lightning.datamodules import device_views
 from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.views import resolve_views
-from ssl_lightning.methods import METHODS
+from ssl_lightning.methods import METHODS, FineTune
 
 LOG_EVERY = 3
 
@@ -44,11 +44,9 @@ class CloseCount(L.Callback):
         self.opener.close(trainer)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_training_steps_between_logger_steps_make_no_host_sync(name, tmp_path):
-    extra = {"pred_hidden_dim": 32} if name == "BYOL" else {}
-    model = METHODS[name](**TINY_BACKBONE, proj_hidden_dim=32, proj_dim=16, **extra, in_chans=1, num_classes=4,
-                          batch_size=8, optimizer="lars", lr=0.3)
+def syncs_per_step(model: L.LightningModule, tmp_path) -> dict[int, dict]:
+    """Syncing operations of each step of a short fit: labelled fake data (so the online probe
+    trains), the progress bar on, the logger writing every LOG_EVERY steps."""
     counter = HostSyncCounter()
     opener = CountSyncsPerStep(counter)
     # The probe is trained (labels present), the bar is on, the logger writes every LOG_EVERY steps.
@@ -58,13 +56,32 @@ def test_training_steps_between_logger_steps_make_no_host_sync(name, tmp_path):
         callbacks=[opener, ThrottledProgressBar(metrics_every_s=3600), CloseCount(opener)],
     )
     with counter:
-        trainer.fit(model, fake_loader(batch_size=8, length=64, size=16))
-    logger_steps = {step for step in opener.per_step if (step + 1) % LOG_EVERY == 0}
-    assert len(opener.per_step) == 2 * LOG_EVERY and logger_steps == {2, 5}
-    syncing = {step: seen for step, seen in opener.per_step.items() if step not in logger_steps and seen}
+        trainer.fit(model, fake_loader(batch_size=8, length=64, size=16, num_classes=4))
+    assert len(opener.per_step) == 2 * LOG_EVERY
+    return opener.per_step
+
+
+def assert_syncs_only_on_logger_steps(per_step: dict[int, dict]) -> None:
+    logger_steps = {step for step in per_step if (step + 1) % LOG_EVERY == 0}
+    assert logger_steps == {2, 5}
+    syncing = {step: seen for step, seen in per_step.items() if step not in logger_steps and seen}
     assert not syncing, f"host syncs outside logger steps: {syncing}"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_training_steps_between_logger_steps_make_no_host_sync(name, tmp_path):
+    extra = {"pred_hidden_dim": 32} if name == "BYOL" else {}
+    model = METHODS[name](**TINY_BACKBONE, proj_hidden_dim=32, proj_dim=16, **extra, in_chans=1, num_classes=4,
+                          batch_size=8, optimizer="lars", lr=0.3)
+    per_step = syncs_per_step(model, tmp_path)
+    assert_syncs_only_on_logger_steps(per_step)
     # The counter does see the reads that logging needs: the guard's check and the probe's sums.
-    assert all(opener.per_step[step] for step in logger_steps)
+    assert all(per_step[step] for step in (2, 5))
+
+
+def test_finetune_steps_make_no_host_sync(method_checkpoint, tmp_path):
+    model = FineTune(pretrained=str(method_checkpoint), in_chans=1, num_classes=4, batch_size=8)
+    assert_syncs_only_on_logger_steps(syncs_per_step(model, tmp_path))
 
 
 def test_device_views_on_an_accelerator_make_no_host_sync(monkeypatch):

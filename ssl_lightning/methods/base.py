@@ -11,11 +11,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_lightning.backbones import build_backbone, feature_dim
+from ssl_lightning.losses import labelled_cross_entropy
 from ssl_lightning.methods.data_link import DataFacts, read_data_facts
 from ssl_lightning.methods.nonfinite import NonFiniteGuard
 from ssl_lightning.methods.optimization import (
@@ -202,20 +202,15 @@ class SSLMethod(L.LightningModule):
         return loss
 
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor, logs_now: bool) -> torch.Tensor:
-        """The online probe's loss: the mean cross-entropy over the labelled images (labels >= 0).
-
-        Every image goes through the probe and the unlabelled ones are masked out, rather than
-        selected: selecting by a mask needs the count on the host, a sync on every step.
-        """
-        labelled = labels >= 0
+        """The online probe's loss over the labelled images; its metrics on logger steps only."""
         logits = self.probe(feats)
-        per_image = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * labelled
-        count = labelled.sum()
-        probe_loss = per_image.sum() / count.clamp(min=1)  # zero, with a graph, when none is labelled
+        probe_loss = labelled_cross_entropy(logits, labels)  # masks, so no host sync
         if logs_now:
             # Sums over all ranks, so the logged values weigh every labelled image once.
+            labelled = labels >= 0
+            count = labelled.sum()
             hits = ((logits.argmax(1) == labels) & labelled).sum()
-            totals = torch.stack([per_image.sum().detach(), hits.float(), count.float()])
+            totals = torch.stack([probe_loss.detach() * count, hits.float(), count.float()])
             loss_sum, hit_sum, labelled_sum = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
             if labelled_sum > 0:
                 self.log("train/probe_loss", loss_sum / labelled_sum, batch_size=int(labelled_sum))

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ssl_lightning.losses import labelled_cross_entropy
 from ssl_lightning.methods.base import read_batch_size, require_views
 from ssl_lightning.methods.optimization import log_learning_rates, resolve_warmup_steps
 from ssl_lightning.methods.pretrained import PretrainedBackboneModule
@@ -28,9 +28,10 @@ class FineTune(PretrainedBackboneModule):
 
     Every parameter trains, BatchNorm included (train mode), with cross-entropy on the batch's first
     view: the DataModule's ``views`` recipe is the augmentation (``configs/eval/finetune.yaml`` uses
-    the ``supervised`` preset). Images labelled -1 are left out of the forward pass and the loss;
-    a batch without any labelled image contributes a zero loss, so every process still takes part
-    in the step under DDP.
+    the ``supervised`` preset). Images labelled -1 go through the network (BatchNorm's batch
+    statistics see them) but add nothing to the loss, which masks them rather than selecting the
+    others (a selection's size is read on the host: a GPU sync per step); a batch without any
+    labelled image contributes a zero loss, so every process still takes part in the step under DDP.
 
     Defaults follow MAE's and BEiT's fine-tuning (He et al. 2022, Bao et al. 2022): AdamW, ``lr``
     per 256 images scaled linearly with the global batch, weight decay 0.05 (not on biases,
@@ -131,16 +132,11 @@ class FineTune(PretrainedBackboneModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         require_views(batch, type(self).__name__)
-        labels = batch["label"]
-        labelled = labels >= 0
-        count = labelled.sum().clamp(min=1)
-        logits = self(batch["views"][0][labelled])
-        # The sum over the labelled images divided by their count (at least 1): their mean, and a
-        # zero loss with a full graph when a batch has none.
-        loss = F.cross_entropy(
-            logits, labels[labelled], reduction="sum", label_smoothing=self.hparams.label_smoothing
-        ) / count
-        self.log("train/finetune_loss", loss, prog_bar=True, batch_size=int(count), sync_dist=True)
+        images = batch["views"][0]
+        # Every image goes through the network (no selection by mask: a host sync per step); the
+        # unlabelled ones (label -1) add nothing to the loss.
+        loss = labelled_cross_entropy(self(images), batch["label"], self.hparams.label_smoothing)
+        self.log("train/finetune_loss", loss, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

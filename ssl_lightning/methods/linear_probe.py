@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ssl_lightning.losses import labelled_cross_entropy
 from ssl_lightning.methods.frozen import FrozenBackboneModule, encode_split
 
 
@@ -84,10 +84,8 @@ class LinearProbe(FrozenBackboneModule):
             return self.backbone(batch["views"][0]).float()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        labelled = batch["label"] >= 0
-        logits = self.head(self._features(batch, "train")[labelled])
-        loss = F.cross_entropy(logits, batch["label"][labelled])
-        self.log("train/linear_loss", loss, prog_bar=True, batch_size=int(labelled.sum()), sync_dist=True)
+        loss = labelled_cross_entropy(self.head(self._features(batch, "train")), batch["label"])
+        self.log("train/linear_loss", loss, prog_bar=True, batch_size=len(batch["label"]), sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
