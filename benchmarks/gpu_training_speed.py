@@ -28,7 +28,8 @@ Two measurements per method:
 Settings, stated in the output: the recipe's model, optimizer and views; ``--precision`` (default
 the recipes' 16-mixed; ``bf16-mixed`` is the usual choice on Hopper); ``--channels-last``,
 ``--cudnn-benchmark`` and ``--compile`` are off unless given. No validation, kNN, logger, progress
-bar (it reads the loss every step, a host-device sync) or checkpoints: training alone.
+bar or checkpoints: training alone (``framework_overhead.py --device cuda`` times the CLI's
+defaults, bar and logger included).
 
 Lightly's published CIFAR-10 runtimes (https://docs.lightly.ai/getting_started/benchmarks.html,
 "CIFAR-10" table, 200 epochs, ResNet-18 with a CIFAR stem): SimCLR 97.7 min at batch 128 and

@@ -59,21 +59,29 @@ def test_sync_batchnorm_converts_and_trains_on_gpu():
 
 
 class SyncWarningsPerStep(L.Callback):
-    """CUDA's sync debug mode on for all of training; the warnings it raises are attributed to the
-    step whose end follows them (the batch's loading, transfer and device views included)."""
+    """CUDA's sync debug mode on for all of training. A step's window runs from its batch start to
+    the next one: its forward, backward and optimizer step, its callbacks and logging, and the
+    loading, transfer and device views of the next batch."""
 
     def __init__(self, caught: list):
-        self.caught, self.per_step, self._taken = caught, {}, 0
+        self.caught, self.per_step = caught, {}
+        self._open: int | None = None
+        self._taken = 0
 
     def on_train_start(self, trainer, pl_module):
         torch.cuda.set_sync_debug_mode("warn")
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        messages = [str(w.message) for w in self.caught[self._taken:] if "synchroniz" in str(w.message)]
-        self.per_step[trainer.global_step - 1], self._taken = messages, len(self.caught)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._close()
+        self._open, self._taken = trainer.global_step, len(self.caught)
 
     def on_train_end(self, trainer, pl_module):
+        self._close()
         torch.cuda.set_sync_debug_mode("default")
+
+    def _close(self):
+        if self._open is not None:
+            self.per_step[self._open] = [str(w.message) for w in self.caught[self._taken:] if "synchroniz" in str(w.message)]
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -92,4 +100,5 @@ def test_training_steps_between_logger_steps_never_wait_for_the_gpu(name, tmp_pa
         trainer.fit(model, Digits(batch_size=32, num_workers=0, view_device="device", in_memory=True))
     # Step 0 pays the start-up (moving the dataset, cuDNN's choices); steps 3 and 7 are logger steps.
     waits = {step: messages for step, messages in watch.per_step.items() if step not in (0, 3, 7) and messages}
+    assert watch.per_step[3], "the logger step's reads are seen (else the debug mode caught nothing)"
     assert len(watch.per_step) == 8 and not waits, waits
