@@ -9,18 +9,22 @@ BYOL, the EMA update of the teacher), with the same model, views, optimizer and 
         --repeats 9 --out benchmarks/results/framework_overhead_tiny.json
     # on a GPU: ResNet-18 (CIFAR stem) on 32-px RGB views at batch 256, as the CIFAR-10 recipes
     python3 benchmarks/framework_overhead.py --device cuda --layers 2 2 2 2 --widths 64 128 256 512 \
-        --in-chans 3 --batch 256 --steps 120 --warmup 20 --repeats 5 --out $OUT/framework_overhead_gpu.json
+        --in-chans 3 --batch 256 --steps 120 --warmup 20 --repeats 5 --sync-variants \
+        --out $OUT/framework_overhead_gpu.json
 
 Data loading is not measured: both loops draw the same pre-made batches (fixed random views held
 in memory, handed out by a DataLoader without collation or workers). The methods are built
-without classes, so neither loop has an online probe. Runs alternate (Lightning, bare, Lightning,
-bare, ...) because the machine may be shared, the first `--warmup` steps of every run are not
+without classes, so neither loop has an online probe. Runs alternate (bare, Lightning, bare,
+Lightning, ...) because the machine may be shared, the first `--warmup` steps of every run are not
 timed, and each figure is the median over `--repeats`, by the wall clock and by this process's
 CPU time (which other jobs on the machine disturb less; on a GPU only the wall clock, read after
 ``torch.cuda.synchronize()``, means anything). Lightning runs twice per repeat: with
 fair settings (no logger, progress bar, checkpointing or model summary) and with default-like
 ones, as the CLI sets them (its progress bar, ``ThrottledProgressBar``, on stderr; CSV logger
-every 50 steps; model summary).
+every 50 steps; model summary). With ``--sync-variants`` two more runs show what one host read of
+a GPU value per step costs: the default-like run with Lightning's own ``TQDMProgressBar`` (it
+reads the loss after every step), and the fair run with ``on_nonfinite_loss="skip"`` (it reads
+the loss to decide every step).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
@@ -107,20 +112,31 @@ def elapsed(start: tuple[float, float], end: tuple[float, float]) -> dict[str, f
     return {"wall": end[0] - start[0], "cpu": end[1] - start[1]}
 
 
-def build(method: str, args: argparse.Namespace) -> SSLMethod:
+def build(method: str, args: argparse.Namespace, variant: str = "fair") -> SSLMethod:
     torch.manual_seed(0)  # the same initial weights for every run
     extra = {"pred_hidden_dim": 512} if method == "byol" else {}
     backbone_kwargs = {"layers": args.layers, "channels": args.widths}
     return METHODS[method](**{**MODEL, "in_chans": args.in_chans}, **extra, backbone_kwargs=backbone_kwargs,
-                           batch_size=args.batch)
+                           batch_size=args.batch, on_nonfinite_loss="skip" if variant == "skip" else "raise")
 
 
-def run_lightning(model: SSLMethod, loader: DataLoader, warmup: int, defaults: bool, log_dir: str) -> dict[str, float]:
+#: Lightning runs: "fair" (nothing beyond the bare loop's work), "defaults" (as the CLI sets them),
+#: and with --sync-variants two that read a GPU value on the host every step: "tqdm" (the defaults
+#: with Lightning's own progress bar, which reads the loss after each step) and "skip" (the fair
+#: run with on_nonfinite_loss="skip", which reads the loss to decide each step).
+VARIANTS = ("fair", "defaults")
+SYNC_VARIANTS = ("tqdm", "skip")
+LOOP_NAMES = {"fair": "lightning", "defaults": "lightning_defaults", "tqdm": "lightning_tqdm_bar",
+              "skip": "lightning_skip_policy"}
+
+
+def run_lightning(model: SSLMethod, loader: DataLoader, warmup: int, variant: str, log_dir: str) -> dict[str, float]:
     clock = StepClock(warmup, last=len(loader) - 1)
     device = loader.dataset.batches[0]["index"].device
+    defaults = variant in ("defaults", "tqdm")
+    bar = ThrottledProgressBar() if variant == "defaults" else TQDMProgressBar()
     settings = (
-        dict(enable_progress_bar=True, logger=CSVLogger(log_dir), log_every_n_steps=50,
-             callbacks=[clock, ThrottledProgressBar()])
+        dict(enable_progress_bar=True, logger=CSVLogger(log_dir), log_every_n_steps=50, callbacks=[clock, bar])
         if defaults
         else dict(enable_progress_bar=False, logger=False, callbacks=[clock])
     )
@@ -167,7 +183,7 @@ def summarise(runs: dict[str, list[dict[str, float]]], timed_images: int) -> dic
         "images_per_second": {loop: {clock: round(rate[loop][clock], 1) for clock in ("wall", "cpu")} for loop in rate},
         "overhead_percent": {
             loop: {clock: round(100 * (rate["bare"][clock] / rate[loop][clock] - 1), 2) for clock in ("wall", "cpu")}
-            for loop in ("lightning", "lightning_defaults")
+            for loop in rate if loop != "bare"
         },
     }
 
@@ -185,6 +201,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of every run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sync-variants", action="store_true",
+                        help="also time Lightning's own progress bar and the skip NaN policy (a host read per step)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -192,15 +210,17 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # stdout carries only the JSON
     device = torch.device(args.device)
     loader = DataLoader(PremadeBatches(args.steps, args.batch, args.image_size, args.in_chans, device), batch_size=None)
-    runs = {method: {"lightning": [], "bare": [], "lightning_defaults": []} for method in args.methods}
+    variants = VARIANTS + (SYNC_VARIANTS if args.sync_variants else ())
+    loops = ["bare", *(LOOP_NAMES[variant] for variant in variants)]
+    runs = {method: {loop: [] for loop in loops} for method in args.methods}
     with tempfile.TemporaryDirectory() as log_dir:
         for _ in range(args.repeats):
             for method in args.methods:
-                runs[method]["lightning"].append(run_lightning(build(method, args), loader, args.warmup, False, log_dir))
                 runs[method]["bare"].append(run_bare(build(method, args), loader, args.warmup))
-                runs[method]["lightning_defaults"].append(
-                    run_lightning(build(method, args), loader, args.warmup, True, log_dir)
-                )
+                for variant in variants:
+                    runs[method][LOOP_NAMES[variant]].append(
+                        run_lightning(build(method, args, variant), loader, args.warmup, variant, log_dir)
+                    )
 
     timed_images = (args.steps - args.warmup) * args.batch
     results = {

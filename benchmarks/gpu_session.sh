@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh tests      # pytest -m gpu: bf16, channels-last, SyncBatchNorm, host syncs, FSDP
 #   bash benchmarks/gpu_session.sh speed      # gpu_training_speed.py: images/s, 200-epoch projection, device vs pre-made views
 #   bash benchmarks/gpu_session.sh views      # views_throughput.py on the GPU against a 16-worker PIL loader
-#   bash benchmarks/gpu_session.sh overhead   # framework_overhead.py on the GPU: Lightning against a bare loop
+#   bash benchmarks/gpu_session.sh overhead   # framework_overhead.py on the GPU: Lightning against a bare loop,
+#                                             # and the cost of a host read per step (Lightning's bar, skip policy)
 #
 # Run each through the device tool with carry [".devdata"]; results land in $OUT (JSON, and the
 # pytest log). .devdata is git-ignored and holds the CIFAR-10 npz and the wheels the device image
@@ -41,7 +42,8 @@ case "$part" in
     ;;
   overhead)
     python3 benchmarks/framework_overhead.py --device cuda --layers 2 2 2 2 --widths 64 128 256 512 \
-      --in-chans 3 --batch 256 --steps 120 --warmup 20 --repeats 5 --out "$out/framework_overhead_gpu.json"
+      --in-chans 3 --batch 256 --steps 120 --warmup 20 --repeats 5 --sync-variants \
+      --out "$out/framework_overhead_gpu.json"
     ;;
   *)
     echo "unknown part '$part': choose tests, speed, views or overhead" >&2
