@@ -2,6 +2,7 @@
 for every kind of storage (embedded digits, npz arrays and packed JPEG, image folders)."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -237,3 +238,13 @@ def test_packed_cifar10_jpeg_copy_loads_with_its_real_statistics():
     assert datamodule.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=0.005)
     datamodule.setup("fit")
     assert_batch_contract(next(iter(datamodule.train_dataloader())), 2, 3, 32, 8)
+
+
+@pytest.mark.parametrize("device, requested, pinned", [
+    ("cuda", None, True), ("cpu", None, False), ("cuda", False, False), ("cpu", True, True),
+])
+def test_pin_memory_follows_the_trainer_device_unless_set(device, requested, pinned):
+    data = Digits(batch_size=8, num_workers=0, pin_memory=requested)
+    data.setup("validate")
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    assert data.val_dataloader().pin_memory is pinned

@@ -70,7 +70,9 @@ class ViewDataModule(L.LightningDataModule, ABC):
         views: a preset name (see VIEW_PRESETS) or a list of ViewSpec.
         image_size: side of the global views and of the validation view; None = the dataset's own.
         drop_last: drop the last incomplete training batch.
-        pin_memory: DataLoader pin_memory (useful with a GPU).
+        pin_memory: batches in page-locked host memory, so that their copy to a GPU runs
+            asynchronously instead of holding up the host; None (default): on when the trainer
+            runs on a CUDA device, off otherwise.
         persistent_workers: keep workers alive between epochs (only applies when num_workers > 0).
         view_device: where training views are drawn: "cpu" (per image, torchvision, in the workers),
             "device" (the loader yields uint8 `image` at image_size and `on_after_batch_transfer`
@@ -92,7 +94,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
         views: str | list[ViewSpec] = "simclr",
         image_size: int | None = None,
         drop_last: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         persistent_workers: bool = True,
         view_device: Literal["auto", "cpu", "device"] = "auto",
         in_memory: bool = False,
@@ -221,7 +223,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
             sampler=sampler,
             drop_last=self.drop_last,
             num_workers=workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pins_memory(),
             persistent_workers=self.persistent_workers and workers > 0,
             # Worker seeds from their own generator: loading never draws from the model's global RNG.
             generator=torch.Generator().manual_seed(sampler.seed),
@@ -327,8 +329,14 @@ class ViewDataModule(L.LightningDataModule, ABC):
             raise RuntimeError(f"{type(self).__name__}.setup({stage!r}) must run before the {split} dataloader")
         return self._datasets[split]
 
+    def _device_type(self) -> str:
+        return self.trainer.strategy.root_device.type if self.trainer is not None else "cpu"
+
+    def _pins_memory(self) -> bool:
+        return self.pin_memory if self.pin_memory is not None else self._device_type() == "cuda"
+
     def _resolve_view_device(self) -> Literal["cpu", "device"]:
-        device_type = self.trainer.strategy.root_device.type if self.trainer is not None else "cpu"
+        device_type = self._device_type()
         placement = resolve_view_device(
             self.view_device, all(spec.augments for spec in self.view_specs), self.stores_one_image_size,
             self.image_size, device_type,
@@ -357,6 +365,6 @@ class ViewDataModule(L.LightningDataModule, ABC):
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pins_memory(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
