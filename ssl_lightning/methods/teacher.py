@@ -50,12 +50,14 @@ class EMATeacher(nn.Module):
         """One EMA step towards ``student`` (same architecture as at construction)."""
         if self.frozen:
             return
-        for t, s in _zip_strict(self.module.parameters(), student.parameters()):
-            t.lerp_(s.detach(), 1.0 - momentum)
-        for t, s in _zip_strict(self.module.buffers(), student.buffers()):
-            if t.is_floating_point():
-                t.lerp_(s, 1.0 - momentum)
-            else:
+        pairs = list(_zip_strict(self.module.parameters(), student.parameters()))
+        pairs += _zip_strict(self.module.buffers(), student.buffers())
+        floating = [(t, s) for t, s in pairs if t.is_floating_point()]
+        # One multi-tensor kernel per device and dtype instead of a launch per tensor (about 130 for a
+        # ResNet-18 and its heads), as torch.optim.swa_utils' EMA does; the same values as lerp_ each.
+        torch._foreach_lerp_([t for t, _ in floating], [s for _, s in floating], 1.0 - momentum)
+        for t, s in pairs:
+            if not t.is_floating_point():
                 t.copy_(s)
 
     def forward(self, *args, **kwargs):
