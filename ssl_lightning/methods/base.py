@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_lightning.backbones import build_backbone, feature_dim
 from ssl_lightning.losses import labelled_cross_entropy
-from ssl_lightning.methods.data_link import DataFacts, read_data_facts
+from ssl_lightning.methods.data_link import DataFacts, check_view_count, read_batch_size, read_data_facts
 from ssl_lightning.methods.nonfinite import NonFiniteGuard
 from ssl_lightning.methods.optimization import (
     OptimizationConfig,
@@ -297,22 +297,3 @@ def require_views(batch: Any, method: str) -> None:
         "Use an ssl_lightning DataModule or yield such dicts from your DataLoader."
     )
 
-
-def check_view_count(method: str, expected: int | tuple[int, int], got: int) -> None:
-    low, high = (expected, expected) if isinstance(expected, int) else expected
-    if not low <= got <= high:
-        wanted = str(low) if low == high else f"{low} to {high}"
-        raise ValueError(
-            f"{method} needs {wanted} views per image, but the DataModule's view recipe makes {got}. "
-            "Choose a matching recipe (e.g. data.views: simclr for two-view methods, dino for multi-crop)."
-        )
-
-
-def read_batch_size(trainer: L.Trainer) -> int:
-    facts = read_data_facts(trainer)
-    if facts is None or facts.batch_size is None:
-        raise ValueError(
-            "Cannot scale the learning rate: the batch size is unknown. Pass batch_size= to the method "
-            "or use a DataModule that declares batch_size."
-        )
-    return facts.batch_size

@@ -22,3 +22,23 @@ def read_data_facts(trainer: L.Trainer | None) -> DataFacts | None:
     if datamodule is None:
         return None
     return DataFacts(**{key: getattr(datamodule, key, None) for key in DataFacts.__dataclass_fields__})
+
+
+def check_view_count(method: str, expected: int | tuple[int, int], got: int) -> None:
+    low, high = (expected, expected) if isinstance(expected, int) else expected
+    if not low <= got <= high:
+        wanted = str(low) if low == high else f"{low} to {high}"
+        raise ValueError(
+            f"{method} needs {wanted} views per image, but the DataModule's view recipe makes {got}. "
+            "Choose a matching recipe (e.g. data.views: simclr for two-view methods, dino for multi-crop)."
+        )
+
+
+def read_batch_size(trainer: L.Trainer) -> int:
+    facts = read_data_facts(trainer)
+    if facts is None or facts.batch_size is None:
+        raise ValueError(
+            "Cannot scale the learning rate: the batch size is unknown. Pass batch_size= to the method "
+            "or use a DataModule that declares batch_size."
+        )
+    return facts.batch_size
