@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import ShardingStrategy
@@ -116,3 +117,14 @@ def test_print_config_resolves_the_quickstart(capsys):
     out = capsys.readouterr().out
     assert "class_path: ssl_lightning.methods.SimCLR" in out and "temperature: 0.2" in out
 
+
+
+def test_progress_bar_is_the_throttled_one_unless_configured():
+    def bars(*args):
+        trainer = instantiate("--config", str(QUICKSTART), *args).trainer
+        return [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, ProgressBar)]
+
+    assert bars() == ["ThrottledProgressBar"]
+    assert bars("--trainer.enable_progress_bar", "false") == []
+    own = '[{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 10}}]'
+    assert bars("--trainer.callbacks", own) == ["TQDMProgressBar"]
