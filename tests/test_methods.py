@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -98,3 +99,13 @@ def test_learning_rates_and_momentum_reach_every_row_the_logger_writes(tmp_path)
     rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
     assert [row["step"] for row in rows] == ["2", "5"]
     assert all(row["lr/weights"] and row["lr/no_decay"] and row["momentum"] and row["train/loss"] for row in rows)
+
+
+def test_step_logging_turned_off_trains_and_logs_no_step(tmp_path):
+    model = small_method("BYOL", in_chans=1, num_classes=4, batch_size=8, optimizer="adamw", lr=1e-3)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    trainer = quick_trainer(max_steps=4, log_every_n_steps=0, logger=logger)
+    trainer.fit(model, fake_loader(batch_size=8, length=64))
+    assert trainer.global_step == 4
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv"))) if Path(logger.log_dir, "metrics.csv").exists() else []
+    assert not any(row.get("train/loss") for row in rows)

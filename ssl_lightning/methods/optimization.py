@@ -91,7 +91,10 @@ def logger_writes_this_step(trainer: L.Trainer) -> bool:
     Values only worth reading in the logs (learning rates, EMA momentum) are logged on those steps
     alone: each ``self.log`` call costs about 0.2 ms, a few percent of a small step.
     """
-    return bool(trainer.fast_dev_run) or (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+    if trainer.fast_dev_run:
+        return True
+    # log_every_n_steps=0: Lightning writes no step at all.
+    return trainer.log_every_n_steps > 0 and (trainer.global_step + 1) % trainer.log_every_n_steps == 0
 
 
 def log_learning_rates(module: L.LightningModule) -> None:
