@@ -11,7 +11,7 @@ import torch
 
 from fakes import TINY_BACKBONE, fake_loader
 from host_syncs import HostSyncCounter
-from ssl_lightning.callbacks import ThrottledProgressBar
+from ssl_lightning.callbacks import ImagesPerSecond, ThrottledProgressBar
 from ssl_lightning.datamodules import device_views
 from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.views import resolve_views
@@ -53,7 +53,7 @@ def syncs_per_step(model: L.LightningModule, tmp_path) -> dict[int, dict]:
     trainer = L.Trainer(
         accelerator="cpu", max_steps=2 * LOG_EVERY, log_every_n_steps=LOG_EVERY, enable_checkpointing=False,
         enable_model_summary=False, logger=L.pytorch.loggers.CSVLogger(tmp_path), limit_val_batches=0,
-        callbacks=[opener, ThrottledProgressBar(metrics_every_s=3600), CloseCount(opener)],
+        callbacks=[opener, ImagesPerSecond(), ThrottledProgressBar(metrics_every_s=3600), CloseCount(opener)],
     )
     with counter:
         trainer.fit(model, fake_loader(batch_size=8, length=64, size=16, num_classes=4))
