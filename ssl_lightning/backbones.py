@@ -95,3 +95,27 @@ def feature_dim(backbone: nn.Module, in_chans: int = 3, image_size: int = 32) ->
             "Remove the classifier head and add pooling/flatten (e.g. nn.Sequential(model, nn.Flatten()))."
         )
     return out.shape[1]
+
+
+def enable_grad_checkpointing(backbone: nn.Module) -> None:
+    """Recompute the backbone's activations in the backward pass instead of keeping them: less
+    memory for a larger batch or model, at the cost of a second forward (timm's
+    ``set_grad_checkpointing``, which checkpoints each block).
+
+    Refused for backbones with BatchNorm: the recomputed forward updates BatchNorm's running
+    statistics a second time, so the evaluation-mode features (kNN, probes, export) would drift
+    from what training saw. Transformers (LayerNorm) are what it is for.
+    """
+    name = type(backbone).__name__
+    if not hasattr(backbone, "set_grad_checkpointing"):
+        raise ValueError(
+            f"grad_checkpointing: the backbone {name} has no set_grad_checkpointing(); timm models have it "
+            "(ViTs, ConvNeXts, ...). Set grad_checkpointing to false."
+        )
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
+        raise ValueError(
+            f"grad_checkpointing: the backbone {name} has BatchNorm layers, whose running statistics the "
+            "recomputed forward would update twice per step. Use it with LayerNorm backbones (ViTs), or "
+            "set grad_checkpointing to false."
+        )
+    backbone.set_grad_checkpointing(True)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_lightning.backbones import build_backbone, feature_dim
+from ssl_lightning.backbones import build_backbone, enable_grad_checkpointing, feature_dim
 
 
 def test_timm_resnet_with_cifar_stem_and_one_channel():
@@ -43,3 +43,10 @@ def test_unknown_backbone_name():
 def test_cifar_stem_on_a_vit_is_rejected():
     with pytest.raises(ValueError, match="cifar_stem=True needs a ResNet"):
         build_backbone("vit_tiny_patch16_224", cifar_stem=True)
+
+
+def test_grad_checkpointing_is_refused_with_batchnorm_or_without_support():
+    with pytest.raises(ValueError, match="BatchNorm layers, whose running statistics"):
+        enable_grad_checkpointing(build_backbone("resnet18", in_chans=3))
+    with pytest.raises(ValueError, match="has no set_grad_checkpointing"):
+        enable_grad_checkpointing(build_backbone("torchvision.resnet18", in_chans=3))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fakes import TINY_BACKBONE, fake_loader
+from fakes import TINY_BACKBONE, TINY_VIT, fake_loader
 from ssl_lightning.callbacks import KNNCallback
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.methods import METHODS, SimCLR
@@ -109,3 +109,25 @@ def test_step_logging_turned_off_trains_and_logs_no_step(tmp_path):
     assert trainer.global_step == 4
     rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv"))) if Path(logger.log_dir, "metrics.csv").exists() else []
     assert not any(row.get("train/loss") for row in rows)
+
+
+def test_grad_checkpointing_recomputes_blocks_and_keeps_loss_and_gradients():
+    batch = next(iter(fake_loader(batch_size=8, length=8, size=16)))
+
+    def loss_grads_and_block_calls(checkpointing: bool):
+        torch.manual_seed(0)
+        model = METHODS["SimCLR"](**TINY_VIT, **SMALL_HEADS, in_chans=1, batch_size=8, grad_checkpointing=checkpointing)
+        model.configure_model()
+        calls = []
+        # A pre-hook: the recomputation in backward stops once it has what it needs, before the block returns.
+        model.backbone.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+        loss = model.shared_step(batch)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.backbone.parameters()], len(calls)
+
+    loss, grads, calls = loss_grads_and_block_calls(False)
+    loss_checkpointed, grads_checkpointed, calls_checkpointed = loss_grads_and_block_calls(True)
+    assert (calls, calls_checkpointed) == (2, 4)  # two views; with checkpointing each block runs again in backward
+    torch.testing.assert_close(loss_checkpointed, loss, rtol=0, atol=0)
+    for grad, grad_checkpointed in zip(grads, grads_checkpointed):
+        torch.testing.assert_close(grad_checkpointed, grad, rtol=1e-6, atol=1e-7)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_lightning.backbones import build_backbone, feature_dim
+from ssl_lightning.backbones import build_backbone, enable_grad_checkpointing, feature_dim
 from ssl_lightning.losses import labelled_cross_entropy
 from ssl_lightning.methods.data_link import DataFacts, check_view_count, read_batch_size, read_data_facts
 from ssl_lightning.methods.nonfinite import NonFiniteGuard
@@ -56,6 +56,8 @@ class SSLMethod(L.LightningModule):
         probe_lr: learning rate (per 256 images) of the online linear probe on detached features.
         channels_last: store convolution weights channels-last (NHWC), which PyTorch's CPU and
             tensor-core kernels run faster; outputs are unchanged.
+        grad_checkpointing: recompute the backbone's activations in the backward pass to save
+            memory (timm's ``set_grad_checkpointing``; LayerNorm backbones such as ViTs only).
         compile: compile the backbone and heads (teacher included) with ``torch.compile`` in place
             (``nn.Module.compile``), so parameter names and checkpoints are those of an eager run.
             The first steps, and the first validation step, pay the compilation.
@@ -96,6 +98,7 @@ class SSLMethod(L.LightningModule):
         anneal_steps: int = 0,
         probe_lr: float = 0.1,
         channels_last: bool = False,
+        grad_checkpointing: bool = False,
         compile: bool = False,
         on_nonfinite_loss: Literal["raise", "skip"] = "raise",
     ):
@@ -134,6 +137,8 @@ class SSLMethod(L.LightningModule):
         self.backbone = self._custom_backbone if self._custom_backbone is not None else self.build_fresh_backbone()
         if self.hparams.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        if self.hparams.grad_checkpointing:
+            enable_grad_checkpointing(self.backbone)
         self.feat_dim = feature_dim(self.backbone, self.hparams.in_chans or 3, self.hparams.image_size or 32)
         self.build_heads(self.feat_dim)
         if self.hparams.compile:
