@@ -61,14 +61,11 @@ class SSLMethod(L.LightningModule):
         compile: compile the backbone and heads (teacher included) with ``torch.compile`` in place
             (``nn.Module.compile``), so parameter names and checkpoints are those of an eager run.
             The first steps, and the first validation step, pay the compilation.
-        on_nonfinite_loss: what a NaN/inf loss on any rank does: "raise" stops the run with an
-            error naming the step and the loss terms (no checkpoint is written for that state). So
-            as not to stall the accelerator, the loss is read only on the steps the logger writes,
-            before validation and before checkpoints: the error comes at the next of those.
-            "skip" reads the loss on every step (a host sync per step) and drops the optimizer step on every rank with a warning: the gradients are
-            discarded before the optimizer sees them, so no weight or optimizer state changes
-            (Lightning still counts the step and advances the LR schedule; an EMA teacher still
-            takes its step). Works under DDP; see docs/reliability.md.
+        on_nonfinite_loss: what a NaN/inf loss on any rank does. "raise": stop with an error naming
+            the step and loss terms, read on logger steps, before validation and checkpoints (no
+            host sync per step; no checkpoint holds a later state). "skip": read every step, and
+            drop that optimizer step on every rank (no weight or optimizer state changes; the LR
+            schedule and an EMA teacher still move). See docs/reliability.md.
     """
 
     #: number of views ``shared_step`` consumes: an int, or (min, max) for multi-crop methods
