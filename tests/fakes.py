@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import torch
@@ -15,6 +16,21 @@ TINY_BACKBONE = {
 
 #: a two-block ViT on 16x16 images (patch 4: 16 tokens), for FSDP's transformer-block wrapping
 TINY_VIT = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 16, "patch_size": 4, "depth": 2}}
+
+
+#: narrow heads for tests; each method takes the widths its constructor has
+SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
+SMALL_HEAD_WIDTHS = {**SMALL_HEADS, "pred_hidden_dim": 32}
+
+
+def tiny_method(method, backbone: dict | None = None, **kwargs):
+    """A registered method (by name, ``METHODS`` key, or class) with the tiny backbone and narrow heads."""
+    from ssl_lightning.methods import METHODS  # here, not at import: see conftest's note on Lightning
+
+    cls = METHODS[method] if isinstance(method, str) else method
+    accepted = inspect.signature(cls.__init__).parameters
+    heads = {name: width for name, width in SMALL_HEAD_WIDTHS.items() if name in accepted}
+    return cls(**(backbone or TINY_BACKBONE), **{**heads, **kwargs})
 
 
 class FakeViews(Dataset):

@@ -13,7 +13,8 @@ from ssl_lightning.backbones import build_backbone
 from ssl_lightning.cli import main
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.methods import SimCLR
-from test_methods import SMALL_HEADS, quick_trainer
+from fakes import SMALL_HEADS
+from test_methods import quick_trainer
 
 
 def fit_checkpoint(tmp_path, **method_kwargs):

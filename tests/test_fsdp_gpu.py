@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from fakes import TINY_VIT, fake_loader
+from fakes import TINY_VIT, fake_loader, tiny_method
 from ssl_lightning.cli import main
 from ssl_lightning.export import load_backbone
 from ssl_lightning.methods import METHODS
@@ -35,11 +35,8 @@ MIRRORED = {"teacher.module.0.": "backbone.", "teacher.module.1.": "projector."}
 
 
 def vit_method(name: str):
-    extra = {"pred_hidden_dim": 32, **MOMENTUM} if name == "BYOL" else {}
-    return METHODS[name](
-        **TINY_VIT, proj_hidden_dim=32, proj_dim=16, **extra, in_chans=1, num_classes=4, batch_size=8,
-        optimizer="adamw", lr=1e-3,
-    )
+    return tiny_method(name, backbone=TINY_VIT, **(MOMENTUM if name == "BYOL" else {}), in_chans=1, num_classes=4,
+                       batch_size=8, optimizer="adamw", lr=1e-3)
 
 
 class FullBackboneAtEnd(L.Callback):

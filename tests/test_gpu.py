@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fakes import TINY_BACKBONE, fake_loader
+from fakes import fake_loader, tiny_method
 from ssl_lightning.callbacks import ThrottledProgressBar
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.methods import METHODS
@@ -17,12 +17,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
-
-
 def small_method(name: str, **kwargs):
-    extra = {"pred_hidden_dim": 32} if name == "BYOL" else {}
-    return METHODS[name](**TINY_BACKBONE, **SMALL_HEADS, **extra, in_chans=1, num_classes=4, batch_size=8, **kwargs)
+    return tiny_method(name, in_chans=1, num_classes=4, batch_size=8, **kwargs)
 
 
 class InspectWhileTraining(L.Callback):
@@ -86,8 +82,7 @@ class SyncWarningsPerStep(L.Callback):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_training_steps_between_logger_steps_never_wait_for_the_gpu(name, tmp_path):
-    model = METHODS[name](**TINY_BACKBONE, **SMALL_HEADS, **({"pred_hidden_dim": 32} if name == "BYOL" else {}),
-                          channels_last=True)
+    model = tiny_method(name, channels_last=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         watch = SyncWarningsPerStep(caught)

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from fakes import TINY_BACKBONE, fake_loader
+from fakes import fake_loader, tiny_method
 from host_syncs import HostSyncCounter
 from ssl_lightning.callbacks import ImagesPerSecond, ThrottledProgressBar
 from ssl_lightning.datamodules import device_views
@@ -70,9 +70,7 @@ def assert_syncs_only_on_logger_steps(per_step: dict[int, dict]) -> None:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_training_steps_between_logger_steps_make_no_host_sync(name, tmp_path):
-    extra = {"pred_hidden_dim": 32} if name == "BYOL" else {}
-    model = METHODS[name](**TINY_BACKBONE, proj_hidden_dim=32, proj_dim=16, **extra, in_chans=1, num_classes=4,
-                          batch_size=8, optimizer="lars", lr=0.3)
+    model = tiny_method(name, in_chans=1, num_classes=4, batch_size=8, optimizer="lars", lr=0.3)
     per_step = syncs_per_step(model, tmp_path)
     assert_syncs_only_on_logger_steps(per_step)
     # The counter does see the reads that logging needs: the guard's check and the probe's sums.
@@ -106,7 +104,7 @@ def test_progress_bar_reads_metrics_at_most_once_per_interval(tmp_path):
             CountReads.reads += self._read_at != before
             return shown
 
-    model = METHODS["SimCLR"](**TINY_BACKBONE, proj_hidden_dim=32, proj_dim=16, in_chans=1, batch_size=8)
+    model = tiny_method("SimCLR", in_chans=1, batch_size=8)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=5, enable_checkpointing=False,
                         enable_model_summary=False, logger=False, callbacks=[CountReads(metrics_every_s=3600)])
     trainer.fit(model, fake_loader(batch_size=8, length=64, size=16))

@@ -6,18 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from fakes import TINY_BACKBONE, TINY_VIT, fake_loader
+from fakes import SMALL_HEADS, TINY_VIT, fake_loader, tiny_method
 from ssl_lightning.callbacks import KNNCallback
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.methods import METHODS, SimCLR
-
-SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
-
-
-def small_method(name: str, **kwargs):
-    extra = {"pred_hidden_dim": 32} if name == "BYOL" else {}
-    return METHODS[name](**TINY_BACKBONE, **SMALL_HEADS, **extra, **kwargs)
-
 
 def quick_trainer(**kwargs) -> L.Trainer:
     defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -27,7 +19,7 @@ def quick_trainer(**kwargs) -> L.Trainer:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_fast_dev_run_on_digits_learns_from_datamodule_facts(name):
-    model = small_method(name)  # in_chans, num_classes, batch size: read from the DataModule
+    model = tiny_method(name)  # in_chans, num_classes, batch size: read from the DataModule
     datamodule = Digits(batch_size=32, num_workers=0)
     trainer = quick_trainer(fast_dev_run=2, callbacks=[KNNCallback(k=5)])
     trainer.fit(model, datamodule)
@@ -39,7 +31,7 @@ def test_fast_dev_run_on_digits_learns_from_datamodule_facts(name):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_checkpoint_loads_with_weights_only(name, tmp_path):
-    model = small_method(name, in_chans=1, num_classes=4, batch_size=8)
+    model = tiny_method(name, in_chans=1, num_classes=4, batch_size=8)
     trainer = quick_trainer(max_steps=1)
     trainer.fit(model, fake_loader(size=16))
     path = tmp_path / "method.ckpt"
@@ -53,13 +45,13 @@ def test_checkpoint_loads_with_weights_only(name, tmp_path):
 
 
 def test_view_recipe_that_does_not_fit_the_method_is_rejected_before_training():
-    model = small_method("SimCLR")
+    model = tiny_method("SimCLR")
     with pytest.raises(ValueError, match=r"SimCLR needs 2 views per image, but the DataModule's view recipe makes 8"):
         quick_trainer(fast_dev_run=1).fit(model, Digits(batch_size=32, num_workers=0, views="dino"))
 
 
 def test_batch_without_views_names_the_missing_view_hook():
-    model = small_method("SimCLR", in_chans=1, num_classes=4, batch_size=8)
+    model = tiny_method("SimCLR", in_chans=1, num_classes=4, batch_size=8)
     model.configure_model()
     with pytest.raises(RuntimeError, match="view hook \\(on_after_batch_transfer\\) did not run"):
         model.training_step({"image": torch.zeros(2, 1, 16, 16), "label": torch.zeros(2), "index": torch.arange(2)}, 0)
@@ -80,7 +72,7 @@ def test_custom_backbone_module_is_not_saved_in_hyperparameters(tmp_path):
 
 
 def test_unlabelled_batches_skip_the_probe():
-    model = small_method("BarlowTwins", in_chans=1, num_classes=4, batch_size=8)
+    model = tiny_method("BarlowTwins", in_chans=1, num_classes=4, batch_size=8)
     trainer = quick_trainer(max_steps=2)
     dataset = fake_loader(size=16).dataset
     loader = torch.utils.data.DataLoader([{**dataset[i], "label": -1} for i in range(len(dataset))], batch_size=8)
@@ -93,7 +85,7 @@ def test_unlabelled_batches_skip_the_probe():
 
 
 def test_learning_rates_and_momentum_reach_every_row_the_logger_writes(tmp_path):
-    model = small_method("BYOL", in_chans=1, batch_size=8, optimizer="adamw", lr=1e-3)
+    model = tiny_method("BYOL", in_chans=1, batch_size=8, optimizer="adamw", lr=1e-3)
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
     quick_trainer(max_steps=6, log_every_n_steps=3, logger=logger).fit(model, fake_loader(batch_size=8, length=64))
     rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
@@ -102,7 +94,7 @@ def test_learning_rates_and_momentum_reach_every_row_the_logger_writes(tmp_path)
 
 
 def test_step_logging_turned_off_trains_and_logs_no_step(tmp_path):
-    model = small_method("BYOL", in_chans=1, num_classes=4, batch_size=8, optimizer="adamw", lr=1e-3)
+    model = tiny_method("BYOL", in_chans=1, num_classes=4, batch_size=8, optimizer="adamw", lr=1e-3)
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
     trainer = quick_trainer(max_steps=4, log_every_n_steps=0, logger=logger)
     trainer.fit(model, fake_loader(batch_size=8, length=64))

@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 
-from fakes import TINY_BACKBONE, fake_loader
+from fakes import fake_loader, tiny_method
 from ssl_lightning.methods import METHODS
 
 
@@ -21,9 +21,7 @@ class RecordDtypes(L.Callback):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_bf16_mixed_fit_keeps_float32_losses_and_weights(name):
-    extra = {"pred_hidden_dim": 32} if name == "BYOL" else {}
-    model = METHODS[name](**TINY_BACKBONE, proj_hidden_dim=32, proj_dim=16, **extra, in_chans=1, num_classes=4,
-                          batch_size=8)
+    model = tiny_method(name, in_chans=1, num_classes=4, batch_size=8)
     recorder = RecordDtypes()
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -10,7 +10,8 @@ from ssl_lightning.cli import main
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.datamodules.digits import load_digit_splits
 from ssl_lightning.methods import SimCLR
-from test_methods import SMALL_HEADS, quick_trainer
+from fakes import SMALL_HEADS
+from test_methods import quick_trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
