@@ -1,5 +1,6 @@
 """``compile=True``: the same losses, gradients and parameter names as an eager run."""
 
+import lightning as L
 import pytest
 import torch
 
@@ -52,3 +53,34 @@ def test_compiled_step_matches_eager_loss_and_gradients(method):
             model.teacher.update(model._online_network(), momentum=0.5)
         view = batch["views"][0]
         torch.testing.assert_close(compiled.teacher(view), eager.teacher(view), atol=1e-4, rtol=1e-4)
+
+
+class FinalWeights(L.Callback):
+    """Rank 0's weights at the end of fit, to a file (ddp_spawn returns nothing else)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            torch.save({key: value.detach().clone() for key, value in pl_module.state_dict().items()}, self.path)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_compiled_fit_under_ddp_ends_with_the_eager_weights(tmp_path):
+    # SimCLR gathers the global batch in its loss; the loss stays eager, the modules are compiled.
+    weights = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = tiny("SimCLR", optimizer="sgd", lr=0.5, compile=compiled)
+        initial = model.backbone.conv1.weight.detach().clone()
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[FinalWeights(tmp_path / f"{compiled}.pt")])
+        trainer.fit(model, fake_loader(batch_size=8, length=64, size=16))
+        weights[compiled] = torch.load(tmp_path / f"{compiled}.pt", weights_only=True)
+    assert weights[True].keys() == weights[False].keys()
+    torch.testing.assert_close(weights[True], weights[False], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(weights[True]["backbone.conv1.weight"], initial, atol=1e-4)  # it trained

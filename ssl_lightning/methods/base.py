@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_lightning.backbones import build_backbone, enable_grad_checkpointing, feature_dim
+from ssl_lightning.distributed import all_reduce_sum
 from ssl_lightning.losses import labelled_cross_entropy
 from ssl_lightning.methods.data_link import DataFacts, check_view_count, read_batch_size, read_data_facts
 from ssl_lightning.methods.nonfinite import NonFiniteGuard
@@ -213,7 +214,7 @@ class SSLMethod(L.LightningModule):
             count = labelled.sum()
             hits = ((logits.argmax(1) == labels) & labelled).sum()
             totals = torch.stack([probe_loss.detach() * count, hits.float(), count.float()])
-            loss_sum, hit_sum, labelled_sum = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+            loss_sum, hit_sum, labelled_sum = all_reduce_sum(totals).tolist()
             if labelled_sum > 0:
                 self.log("train/probe_loss", loss_sum / labelled_sum, batch_size=int(labelled_sum))
                 self.log("train/probe_top1", hit_sum / labelled_sum, batch_size=int(labelled_sum))

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ssl_lightning.distributed import gather
+
 NonFinitePolicy = Literal["raise", "skip"]
 
 
@@ -85,11 +87,10 @@ class NonFiniteGuard:
         (``trainer.interrupted``), where each rank reads its own."""
         if self.policy != "raise" or self._step is None:
             return
-        steps, epochs, values = self._step, self._epoch, self._values
+        steps, epochs, values = self._step.reshape(1), self._epoch.reshape(1), self._values.reshape(1, -1)
         gathers = trainer.world_size > 1 and not trainer.interrupted
-        if gathers:
-            steps, epochs, values = (trainer.strategy.all_gather(t) for t in (steps, epochs, values))
-        steps, epochs, values = steps.reshape(-1), epochs.reshape(-1), values.reshape(len(steps.reshape(-1)), -1)
+        if gathers:  # one row per rank, in rank order
+            steps, epochs, values = gather(steps), gather(epochs), gather(values)
         seen = steps >= 0
         if not bool(seen.any()):
             return
