@@ -128,3 +128,24 @@ def test_raise_reads_the_loss_on_logger_steps_and_names_the_step_it_went_bad(tmp
     with pytest.raises(FloatingPointError, match=r"at step 2 \(epoch 0\) \(loss=nan.*Noticed after step 3"):
         fit.fit(model, fake_loader(batch_size=8, length=80))
     assert fit.global_step == 3  # stopped inside step 3, the first step the logger writes (every 4th)
+
+
+class NaNAtFirstMicroBatch(NaNAtStep):
+    """NaN on the first of two accumulated micro-batches of step ``bad_step`` only."""
+
+    def shared_step(self, batch: dict) -> dict:
+        out = super().shared_step(batch)
+        first_micro_batch = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready % 2 == 1
+        if self.trainer.global_step == self.bad_step and not first_micro_batch:
+            out = {**out, "loss": torch.nan_to_num(out["loss"], nan=1.0), "loss/align": torch.tensor(1.0)}
+        return out
+
+
+def test_skip_drops_the_whole_step_when_one_accumulated_micro_batch_is_nonfinite(tmp_path):
+    model, weights = make(NaNAtFirstMicroBatch, on_nonfinite_loss="skip"), WeightsAfterEachStep()
+    fit = trainer(tmp_path, accumulate_grad_batches=2)
+    fit.callbacks.append(weights)
+    with pytest.warns(UserWarning, match=r"non-finite loss at step 2 .*step skipped"):
+        fit.fit(model, fake_loader(batch_size=8, length=80))
+    # Step 2's second micro-batch was finite, but the step still changed nothing.
+    assert same(weights.weights[3], weights.weights[2]) and not same(weights.weights[4], weights.weights[3])

@@ -184,16 +184,17 @@ class SSLMethod(L.LightningModule):
         out = self.shared_step(batch)
         loss = out["loss"]
         # Host syncs happen only on the steps the logger writes (see NonFiniteGuard and _probe_step).
-        logs_now = logger_writes_this_step(self.trainer)
+        logs_now, skipped = logger_writes_this_step(self.trainer), False
         if self.nonfinite.policy == "skip":
             # Every rank still runs the backward, so DDP's all-reduce completes, and
-            # on_before_optimizer_step throws the gradients away.
-            self._discard_gradients = self.nonfinite.skips(out, self.trainer)
+            # on_before_optimizer_step throws the gradients away (of every accumulated micro-batch).
+            skipped = self.nonfinite.skips(out, self.trainer)
+            self._discard_gradients |= skipped
         else:
             self.nonfinite.observe(out, self.trainer)
             if logs_now:
                 self.nonfinite.check(self.trainer)
-        if not self._discard_gradients:
+        if not skipped:
             batch_size = batch["views"][0].shape[0]
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
             if logs_now:  # read only in the logs: not worth a log call (~0.2 ms) on every step
