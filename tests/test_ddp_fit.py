@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.datamodules.views import ViewSpec
 from ssl_lightning.methods import SimCLR
-from fakes import TINY_BACKBONE
+from fakes import TINY_BACKBONE, FakeViews
 
 BATCH_SIZE, DEVICES, LR = 32, 2, 2.0e-3
 
@@ -99,3 +99,33 @@ def test_ddp_spawn_fit_on_two_cpu_processes(tmp_path):
     hits, labelled = (sum(r["probe_counts"][i] for r in ranks) for i in (0, 1))
     first = next(row for row in rows if row["step"] == "0" and row["train/probe_top1"])
     assert float(first["train/probe_top1"]) == pytest.approx(hits / labelled)
+
+
+class UnlabelledOnRankOne(torch.utils.data.Dataset):
+    """Labelled images on rank 0, only unlabelled ones (-1) on rank 1 (the dataset runs in each rank's process)."""
+
+    def __init__(self, length: int = 64):
+        self.views = FakeViews(length=length)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.views[i]
+        return {**item, "label": -1} if dist.get_rank() == 1 else item
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(240)
+def test_a_rank_without_labels_still_trains_the_probe_with_the_others(tmp_path):
+    # Selecting the labelled rows would leave rank 1's probe out of its graph, and DDP (which
+    # expects every parameter to get a gradient) would fail at the next step; the masked loss
+    # keeps the probe in every rank's graph, with zero gradient where nothing is labelled.
+    model = LossRecordingSimCLR(**TINY_BACKBONE, proj_hidden_dim=32, proj_dim=16, optimizer="adamw", lr=1e-3,
+                                in_chans=1, num_classes=4, batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", devices=DEVICES, strategy="ddp_spawn", max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[RecordRanks(tmp_path)])
+    trainer.fit(model, torch.utils.data.DataLoader(UnlabelledOnRankOne(), batch_size=8))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(DEVICES)]
+    assert [r["probe_counts"][1] for r in ranks] == [8, 0]  # labelled images of each rank's first batch
