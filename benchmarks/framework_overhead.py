@@ -21,7 +21,7 @@ CPU time (which other jobs on the machine disturb less; on a GPU only the wall c
 ``torch.cuda.synchronize()``, means anything). Lightning runs twice per repeat: with
 fair settings (no logger, progress bar, checkpointing or model summary) and with default-like
 ones, as the CLI sets them (its progress bar, ``ThrottledProgressBar``, on stderr; CSV logger
-every 50 steps; model summary). With ``--sync-variants`` two more runs show what one host read of
+every 50 steps; ``ImagesPerSecond``; model summary). With ``--sync-variants`` two more runs show what one host read of
 a GPU value per step costs: the default-like run with Lightning's own ``TQDMProgressBar`` (it
 reads the loss after every step), and the fair run with ``on_nonfinite_loss="skip"`` (it reads
 the loss to decide every step).
@@ -45,7 +45,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_lightning.callbacks import ThrottledProgressBar
+from ssl_lightning.callbacks import ImagesPerSecond, ThrottledProgressBar
 from ssl_lightning.methods import BYOL, BarlowTwins, SimCLR
 from ssl_lightning.methods.base import SSLMethod
 from ssl_lightning.optim import build_lr_scheduler, create_optimizer, param_groups
@@ -136,7 +136,8 @@ def run_lightning(model: SSLMethod, loader: DataLoader, warmup: int, variant: st
     defaults = variant in ("defaults", "tqdm")
     bar = ThrottledProgressBar() if variant == "defaults" else TQDMProgressBar()
     settings = (
-        dict(enable_progress_bar=True, logger=CSVLogger(log_dir), log_every_n_steps=50, callbacks=[clock, bar])
+        dict(enable_progress_bar=True, logger=CSVLogger(log_dir), log_every_n_steps=50,
+             callbacks=[clock, bar, ImagesPerSecond()])
         if defaults
         else dict(enable_progress_bar=False, logger=False, callbacks=[clock])
     )
