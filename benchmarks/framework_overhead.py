@@ -18,13 +18,13 @@ without classes, so neither loop has an online probe. Runs alternate (bare, Ligh
 Lightning, ...) because the machine may be shared, the first `--warmup` steps of every run are not
 timed, and each figure is the median over `--repeats`, by the wall clock and by this process's
 CPU time (which other jobs on the machine disturb less; on a GPU only the wall clock, read after
-``torch.cuda.synchronize()``, means anything). Lightning runs twice per repeat: with
-fair settings (no logger, progress bar, checkpointing or model summary) and with default-like
-ones, as the CLI sets them (its progress bar, ``ThrottledProgressBar``, on stderr; CSV logger
-every 50 steps; ``ImagesPerSecond``; model summary). With ``--sync-variants`` two more runs show what one host read of
-a GPU value per step costs: the default-like run with Lightning's own ``TQDMProgressBar`` (it
-reads the loss after every step), and the fair run with ``on_nonfinite_loss="skip"`` (it reads
-the loss to decide every step).
+``torch.cuda.synchronize()``, means anything). Lightning runs twice per repeat: with fair
+settings (no logger, progress bar, checkpointing or model summary) and with default-like ones, as
+the CLI sets them (its progress bar, ``ThrottledProgressBar``, on stderr; CSV logger every 50
+steps; ``ImagesPerSecond``; model summary). With ``--sync-variants`` two more runs show what one
+host read of a GPU value per step costs: the default-like run with Lightning's own
+``TQDMProgressBar`` (it reads the loss after every step), and the fair run with
+``on_nonfinite_loss="skip"`` (it reads the loss to decide every step).
 """
 
 from __future__ import annotations
