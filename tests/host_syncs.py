@@ -62,10 +62,8 @@ def reads_optimizer_step(name: str) -> bool:
     if name != "aten._local_scalar_dense.default":
         return False
     wrappers = ("/torch/_dynamo/", "/torch/_compile.py", "/torch/utils/_python_dispatch.py", "/torch/_ops.py")
-    innermost = next(
-        (frame.filename for frame in reversed(traceback.extract_stack()[:-2]) if not any(w in frame.filename for w in wrappers)),
-        "",
-    )
+    frames = reversed(traceback.extract_stack()[:-2])
+    innermost = next((f.filename for f in frames if not any(w in f.filename for w in wrappers)), "")
     return "/torch/optim/" in innermost
 
 
@@ -73,5 +71,6 @@ def caller() -> str:
     """The innermost frame outside torch itself: the line that asked for the operation."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         if "/torch/" not in frame.filename and not frame.filename.endswith("host_syncs.py"):
-            return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.line}"
+            folder, name = frame.filename.rsplit("/", 2)[-2:]
+            return f"{folder}/{name}:{frame.lineno} {frame.line}"
     return "?"

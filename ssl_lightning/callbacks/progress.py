@@ -47,7 +47,9 @@ class ThrottledProgressBar(TQDMProgressBar):
         # The first steps too wait for the interval; until then the bar shows no logged value.
         self._shown, self._read_at = get_standard_metrics(trainer), time.monotonic()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         # Only here are reads throttled: at the end of an epoch or of validation the bar shows the latest values.
         self._in_train_batch_end = True
         try:

@@ -73,7 +73,9 @@ class NonFiniteGuard:
                 f"{self.owner}.shared_step returned the loss terms {list(terms)} after {self._names}; "
                 "return the same terms on every step."
             )
-        values = torch.stack([torch.as_tensor(v, device=loss.device).detach().float().reshape(()) for v in terms.values()])
+        values = torch.stack(
+            [torch.as_tensor(v, device=loss.device).detach().float().reshape(()) for v in terms.values()]
+        )
         self._last_step = trainer.global_step
         first = ~torch.isfinite(loss.detach()) & (self._step < 0)
         # Python numbers go to the kernel as arguments: no host-to-device copy, no wait.
