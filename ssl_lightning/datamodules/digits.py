@@ -11,7 +11,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ssl_lightning.datamodules.base import Split, ViewDataModule
-from ssl_lightning.datamodules.sources import TensorImages, channel_stats
+from ssl_lightning.datamodules.sources import ChannelStatsFromData, TensorImages, channel_stats
 
 STORED_SIZE = 32  # 8x8 is too small for strided backbones and random crops; upsampled once, not per view
 
@@ -33,7 +33,7 @@ def load_digit_splits() -> dict[str, TensorImages]:
     }
 
 
-class Digits(ViewDataModule):
+class Digits(ChannelStatsFromData, ViewDataModule):
     """scikit-learn's `load_digits` (UCI optical digits): 10 classes, 1,437 train / 360 validation
     images, grayscale 0..16 values scaled to uint8 and upsampled once to 32x32 (bilinear).
     mean/std are computed from the training split."""
@@ -42,8 +42,7 @@ class Digits(ViewDataModule):
     def _splits(self) -> dict[str, TensorImages]:
         return load_digit_splits()
 
-    @cached_property
-    def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def _estimate_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return channel_stats(self._splits["train"].images.split(512))
 
     @property
@@ -57,14 +56,6 @@ class Digits(ViewDataModule):
     @property
     def native_image_size(self) -> int:
         return STORED_SIZE
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self._stats[0]
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self._stats[1]
 
     def _load_images(self, split: Split) -> TensorImages:
         return self._splits["val" if split == "val" else "train"]

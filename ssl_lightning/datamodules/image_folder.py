@@ -12,13 +12,13 @@ from ssl_lightning.datamodules.image_files import (
     check_image_headers,
     list_image_folder,
 )
-from ssl_lightning.datamodules.sources import channel_stats, evenly_spaced
+from ssl_lightning.datamodules.sources import ChannelStatsFromData, sampled_channel_stats
 
 STATS_SAMPLE = 512  # files decoded to estimate mean/std: large images make each one costly
 DEFAULT_IMAGE_SIZE = 224  # files have no common size; ImageNet's convention
 
 
-class ImageFolder(ViewDataModule):
+class ImageFolder(ChannelStatsFromData, ViewDataModule):
     """Images from `train_dir` and, optionally, `val_dir` (without it there is no validation).
 
     Each folder is either `<dir>/<class>/**/<image>` (labels numbered by sorted class name of
@@ -47,12 +47,10 @@ class ImageFolder(ViewDataModule):
         super().__init__(image_size=image_size, **kwargs)
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3 for image files, got {in_chans}")
-        if (mean is None) != (std is None):
-            raise ValueError("give both mean and std, or neither (then both are estimated from the data)")
+        self._keep_given_stats(mean, std)
         self.train_dir = Path(train_dir).expanduser()
         self.val_dir = None if val_dir is None else Path(val_dir).expanduser()
         self._in_chans = in_chans
-        self._given_stats = None if mean is None else (tuple(mean), tuple(std))
         self.skip_corrupt = skip_corrupt
         self._checked: dict[str, FileImages] = {}
 
@@ -60,12 +58,8 @@ class ImageFolder(ViewDataModule):
     def _train_listing(self) -> FolderListing:
         return list_image_folder(self.train_dir)
 
-    @cached_property
-    def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        if self._given_stats is not None:
-            return self._given_stats
-        train = self._images("train")
-        return channel_stats(train[i][0].unsqueeze(0) for i in evenly_spaced(len(train), STATS_SAMPLE))
+    def _estimate_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return sampled_channel_stats(self._images("train"), STATS_SAMPLE)
 
     @property
     def num_classes(self) -> int | None:
@@ -79,14 +73,6 @@ class ImageFolder(ViewDataModule):
     @property
     def native_image_size(self) -> int:
         return DEFAULT_IMAGE_SIZE
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self._stats[0]
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self._stats[1]
 
     def _images(self, folder: str) -> FileImages:
         """Listed and header-checked once per folder; the kNN bank reuses the training files."""

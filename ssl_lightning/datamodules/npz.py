@@ -11,7 +11,12 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ssl_lightning.datamodules.base import Split, ViewDataModule
-from ssl_lightning.datamodules.sources import JpegBytesImages, TensorImages, channel_stats, evenly_spaced
+from ssl_lightning.datamodules.sources import (
+    ChannelStatsFromData,
+    JpegBytesImages,
+    TensorImages,
+    sampled_channel_stats,
+)
 
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 JPEG_KEYS = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels")
@@ -98,7 +103,7 @@ def load_npz(path: Path) -> NpzContents:
     return NpzContents(train, test, num_classes, in_chans, min(height, width))
 
 
-class NpzArrays(ViewDataModule):
+class NpzArrays(ChannelStatsFromData, ViewDataModule):
     """A dataset held in one .npz file, loaded into memory on first use.
 
     Layouts: `x_train`, `y_train`, `x_test`, `y_test` (uint8 images NxHxWxC, or NxHxW for
@@ -118,21 +123,15 @@ class NpzArrays(ViewDataModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if (mean is None) != (std is None):
-            raise ValueError("give both mean and std, or neither (then both are estimated from the data)")
+        self._keep_given_stats(mean, std)
         self.path = Path(path).expanduser()
-        self._given_stats = None if mean is None else (tuple(mean), tuple(std))
 
     @cached_property
     def _contents(self) -> NpzContents:
         return load_npz(self.path)
 
-    @cached_property
-    def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        if self._given_stats is not None:
-            return self._given_stats
-        train = self._contents.train
-        return channel_stats(train[i][0].unsqueeze(0) for i in evenly_spaced(len(train), STATS_SAMPLE))
+    def _estimate_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return sampled_channel_stats(self._contents.train, STATS_SAMPLE)
 
     @property
     def num_classes(self) -> int | None:
@@ -145,14 +144,6 @@ class NpzArrays(ViewDataModule):
     @property
     def native_image_size(self) -> int:
         return self._contents.image_size
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self._stats[0]
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self._stats[1]
 
     def _load_images(self, split: Split) -> TensorImages | JpegBytesImages:
         return self._contents.test if split == "val" else self._contents.train

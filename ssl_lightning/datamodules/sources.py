@@ -7,6 +7,7 @@ transforms then only ever see uint8 tensors. Label -1 marks an unlabelled image.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -77,3 +78,36 @@ def evenly_spaced(length: int, limit: int) -> list[int]:
     if length <= limit:
         return list(range(length))
     return torch.linspace(0, length - 1, limit).round().long().tolist()
+
+
+def sampled_channel_stats(images: ImageSource, limit: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``channel_stats`` of at most ``limit`` evenly spaced images of a source (one at a time: any sizes)."""
+    return channel_stats(images[i][0].unsqueeze(0) for i in evenly_spaced(len(images), limit))
+
+
+class ChannelStatsFromData:
+    """``mean`` and ``std`` of a DataModule: given by the user, or estimated once from its training
+    images by ``_estimate_stats`` (the subclass's), on first use. Put it before ``ViewDataModule``
+    in the bases and call ``_keep_given_stats`` in ``__init__``."""
+
+    _given_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def _keep_given_stats(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither (then both are estimated from the data)")
+        self._given_stats = None if mean is None else (tuple(mean), tuple(std))
+
+    def _estimate_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        raise NotImplementedError
+
+    @cached_property
+    def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self._given_stats if self._given_stats is not None else self._estimate_stats()
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self._stats[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self._stats[1]
