@@ -123,3 +123,13 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_loss_and_gradients():
     torch.testing.assert_close(loss_checkpointed, loss, rtol=0, atol=0)
     for grad, grad_checkpointed in zip(grads, grads_checkpointed):
         torch.testing.assert_close(grad_checkpointed, grad, rtol=1e-6, atol=1e-7)
+
+
+def test_the_resolved_learning_rate_and_global_batch_are_reported(caplog):
+    caplog.set_level("INFO")
+    model = tiny_method("SimCLR", in_chans=1, batch_size=8, optimizer="adamw", lr=0.4, lr_scaling="linear",
+                        warmup_steps=2)
+    quick_trainer(max_steps=4, accumulate_grad_batches=2).fit(model, fake_loader(batch_size=8, length=64))
+    assert ("Optimizer adamw: peak LR 0.025 (lr 0.4 per 256 images, lr_scaling linear, global batch 16 = 8 per "
+            "process x 1 process(es) x 2 accumulated)") in caplog.text
+    assert "4 steps, 2 of warm-up, schedule warmup_cosine." in caplog.text

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ssl_lightning.optim import (
@@ -57,11 +58,18 @@ def configure_optimization(
         **config.optimizer_kwargs,
     )
     total_steps = int(trainer.estimated_stepping_batches)
+    warmup_steps = resolve_warmup_steps(config.warmup_epochs, config.warmup_steps, trainer, total_steps)
     scheduler = build_lr_scheduler(
-        optimizer, config.schedule, total_steps=total_steps,
-        warmup_steps=resolve_warmup_steps(config.warmup_epochs, config.warmup_steps, trainer, total_steps),
+        optimizer, config.schedule, total_steps=total_steps, warmup_steps=warmup_steps,
         min_lr_ratio=config.min_lr_ratio, cooldown_steps=config.cooldown_steps,
         const_lr_ratio=config.const_lr_ratio, anneal_steps=config.anneal_steps,
+    )
+    # What a multi-GPU run most needs to see before it spends hours: the LR it really trains with.
+    rank_zero_info(
+        f"Optimizer {config.optimizer}: peak LR {lr:.6g} (lr {config.lr:g} per 256 images, lr_scaling "
+        f"{config.lr_scaling}, global batch {global_batch} = {batch_size} per process x {trainer.world_size} "
+        f"process(es) x {trainer.accumulate_grad_batches} accumulated), weight decay {config.weight_decay:g}; "
+        f"{total_steps} steps, {warmup_steps} of warm-up, schedule {config.schedule}."
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
