@@ -65,8 +65,9 @@ def configure_optimization(
         const_lr_ratio=config.const_lr_ratio, anneal_steps=config.anneal_steps,
     )
     # What a multi-GPU run most needs to see before it spends hours: the LR it really trains with.
+    given = "as given" if config.lr_scaling == "none" else "per 256 images"
     rank_zero_info(
-        f"Optimizer {config.optimizer}: peak LR {lr:.6g} (lr {config.lr:g} per 256 images, lr_scaling "
+        f"Optimizer {config.optimizer}: peak LR {lr:.6g} (lr {config.lr:g} {given}, lr_scaling "
         f"{config.lr_scaling}, global batch {global_batch} = {batch_size} per process x {trainer.world_size} "
         f"process(es) x {trainer.accumulate_grad_batches} accumulated), weight decay {config.weight_decay:g}; "
         f"{total_steps} steps, {warmup_steps} of warm-up, schedule {config.schedule}."
