@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.models import (
     beit,
     cait,
@@ -108,4 +109,23 @@ def check_optimizer_under_sharding(optimizer: str, trainer: L.Trainer) -> None:
             f"optimizer={optimizer!r} scales each tensor's step by norms of the whole tensor, but under FSDP "
             f"with {trainer.world_size} processes each process holds a flat slice of every tensor. "
             "Use adamw, adam or sgd with FSDP, or train with DDP (--trainer.strategy ddp)."
+        )
+
+
+def warn_if_batchnorm_is_per_process(module: nn.Module, world_size: int) -> None:
+    """Warn when several processes train BatchNorm layers that normalise with each process's batch only.
+
+    SimCLR, BYOL and Barlow Twins normalise over the global batch (synchronised BatchNorm across
+    devices); with per-process statistics a large run effectively trains with small BatchNorm
+    batches, which changes the method.
+    """
+    if world_size <= 1:
+        return
+    per_process = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   and not isinstance(m, nn.SyncBatchNorm)]
+    if per_process:
+        rank_zero_warn(
+            f"{len(per_process)} BatchNorm layers normalise with each of the {world_size} processes' own batch; "
+            "the SSL papers synchronise them over the global batch. Set trainer.sync_batchnorm: true (CUDA), "
+            "unless per-process statistics are what you want."
         )

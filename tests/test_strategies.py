@@ -2,6 +2,7 @@
 that an EMA teacher gets the same units as its student, and the optimizer guard under sharding.
 Training under FSDP itself needs CUDA: tests/test_fsdp_gpu.py."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ from ssl_lightning.methods import BYOL
 from ssl_lightning.strategies import (
     TIMM_TRANSFORMER_BLOCKS,
     check_optimizer_under_sharding,
+    warn_if_batchnorm_is_per_process,
     wrap_blocks_backbone_and_heads,
 )
 
@@ -113,3 +115,14 @@ def test_tensor_wise_optimizers_are_refused_when_fsdp_shards_parameters():
     check_optimizer_under_sharding("adamw", sharded_trainer(world_size=2))
     check_optimizer_under_sharding("lars", sharded_trainer(world_size=1))  # one process holds whole tensors
     check_optimizer_under_sharding("lamb", sharded_trainer(world_size=2, sharding_strategy="NO_SHARD"))
+
+
+def test_several_processes_with_per_process_batchnorm_are_warned_about():
+    with_batchnorm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match=r"1 BatchNorm layers normalise with each of the 2 processes.*sync_batchnorm"):
+        warn_if_batchnorm_is_per_process(with_batchnorm, world_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_batchnorm_is_per_process(with_batchnorm, world_size=1)
+        warn_if_batchnorm_is_per_process(nn.SyncBatchNorm.convert_sync_batchnorm(with_batchnorm), world_size=2)
+        warn_if_batchnorm_is_per_process(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), world_size=2)

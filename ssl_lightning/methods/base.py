@@ -25,6 +25,7 @@ from ssl_lightning.methods.optimization import (
     log_learning_rates,
     logger_writes_this_step,
 )
+from ssl_lightning.strategies import warn_if_batchnorm_is_per_process
 
 
 class SSLMethod(L.LightningModule):
@@ -261,6 +262,9 @@ class SSLMethod(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         require_views(batch, type(self).__name__)
         return {**self.embed(batch["views"][0]), "label": batch["label"], "index": batch["index"]}
+
+    def on_fit_start(self) -> None:
+        warn_if_batchnorm_is_per_process(self, self.trainer.world_size)  # after Lightning's SyncBatchNorm swap
 
     def on_validation_start(self) -> None:
         self.nonfinite.check(self.trainer)
