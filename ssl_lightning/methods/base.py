@@ -17,7 +17,13 @@ from torchmetrics.classification import MulticlassAccuracy
 from ssl_lightning.backbones import build_backbone, enable_grad_checkpointing, feature_dim
 from ssl_lightning.distributed import all_reduce_sum
 from ssl_lightning.losses import labelled_cross_entropy
-from ssl_lightning.methods.data_link import DataFacts, check_view_count, read_batch_size, read_data_facts
+from ssl_lightning.methods.data_link import (
+    DataFacts,
+    check_view_count,
+    read_batch_size,
+    read_data_facts,
+    require_views,
+)
 from ssl_lightning.methods.nonfinite import NonFiniteGuard
 from ssl_lightning.methods.optimization import (
     OptimizationConfig,
@@ -288,20 +294,3 @@ class SSLMethod(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # load_from_checkpoint builds the modules; a resumed Trainer run has built them already.
         self.configure_model()
-
-
-def require_views(batch: Any, method: str) -> None:
-    if isinstance(batch, dict) and "views" in batch:
-        return
-    if isinstance(batch, dict) and "image" in batch:
-        raise RuntimeError(
-            f"{method} got a batch with 'image' but no 'views': the DataModule's view hook "
-            "(on_after_batch_transfer) did not run. Pass the DataModule to Trainer.fit(datamodule=...) "
-            "instead of its dataloaders."
-        )
-    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-    raise TypeError(
-        f"{method} expects a batch dict with 'views', 'label', 'index' (see DESIGN 'Data flow'); got {got}. "
-        "Use an ssl_lightning DataModule or yield such dicts from your DataLoader."
-    )
-

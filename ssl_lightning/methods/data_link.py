@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 
@@ -42,3 +43,19 @@ def read_batch_size(trainer: L.Trainer) -> int:
             "or use a DataModule that declares batch_size."
         )
     return facts.batch_size
+
+
+def require_views(batch: Any, method: str) -> None:
+    if isinstance(batch, dict) and "views" in batch:
+        return
+    if isinstance(batch, dict) and "image" in batch:
+        raise RuntimeError(
+            f"{method} got a batch with 'image' but no 'views': the DataModule's view hook "
+            "(on_after_batch_transfer) did not run. Pass the DataModule to Trainer.fit(datamodule=...) "
+            "instead of its dataloaders."
+        )
+    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise TypeError(
+        f"{method} expects a batch dict with 'views', 'label', 'index' (see DESIGN 'Data flow'); got {got}. "
+        "Use an ssl_lightning DataModule or yield such dicts from your DataLoader."
+    )

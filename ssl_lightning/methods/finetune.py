@@ -11,8 +11,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_lightning.losses import labelled_cross_entropy
-from ssl_lightning.methods.base import require_views
-from ssl_lightning.methods.data_link import read_batch_size
+from ssl_lightning.methods.data_link import read_batch_size, require_views
 from ssl_lightning.methods.optimization import log_learning_rates, resolve_warmup_steps
 from ssl_lightning.methods.pretrained import PretrainedBackboneModule
 from ssl_lightning.optim import (
