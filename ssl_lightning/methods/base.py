@@ -217,14 +217,13 @@ class SSLMethod(L.LightningModule):
         logits = self.probe(feats)
         probe_loss = labelled_cross_entropy(logits, labels)  # masks, so no host sync
         if logs_now:
-            # Sums over all ranks, so the logged values weigh every labelled image once.
+            # The loss is already the global mean; the accuracy sums hits and labels over all ranks,
+            # so it too weighs every labelled image once.
             labelled = labels >= 0
-            count = labelled.sum()
             hits = ((logits.argmax(1) == labels) & labelled).sum()
-            totals = torch.stack([probe_loss.detach() * count, hits.float(), count.float()])
-            loss_sum, hit_sum, labelled_sum = all_reduce_sum(totals).tolist()
+            hit_sum, labelled_sum = all_reduce_sum(torch.stack([hits, labelled.sum()]).float()).tolist()
             if labelled_sum > 0:
-                self.log("train/probe_loss", loss_sum / labelled_sum, batch_size=int(labelled_sum))
+                self.log("train/probe_loss", probe_loss.detach(), batch_size=int(labelled_sum))
                 self.log("train/probe_top1", hit_sum / labelled_sum, batch_size=int(labelled_sum))
         return probe_loss
 
