@@ -67,7 +67,7 @@ def jitter_rounding_difference(images: torch.Tensor, generator: torch.Generator)
         for op in o.tolist():
             image = ops[op](image, float(f[op]))
         reference.append(image)
-    ours = dv.color_jitter(images.float() / 255, factors, order)
+    ours = dv.color_jitter(images.float() / 255, factors, order, blend=False)
     return stats(ours, torch.stack(reference).float() / 255)
 
 

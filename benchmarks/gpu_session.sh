@@ -40,7 +40,7 @@ case "$part" in
       | tee "$out/pytest_gpu.log"
     ;;
   speed)
-    python3 benchmarks/gpu_training_speed.py --data .devdata/cifar10_jpeg.npz --cpu-view-workers 16 \
+    python3 benchmarks/gpu_training_speed.py --data .devdata/cifar10_jpeg.npz --cpu-view-workers 16 --compile-views \
       --out "$out/gpu_training_speed.json"
     ;;
   speed-bf16)
@@ -48,7 +48,7 @@ case "$part" in
       --channels-last --cudnn-benchmark --out "$out/gpu_training_speed_bf16.json"
     ;;
   views)
-    python3 benchmarks/views_throughput.py --device cuda --batch 512 --loader-workers 16 \
+    python3 benchmarks/views_throughput.py --device cuda --batch 512 --compile --loader-workers 16 \
       --out "$out/views_throughput_gpu.json"
     ;;
   overhead)

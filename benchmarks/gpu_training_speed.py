@@ -23,7 +23,9 @@ Two measurements per method:
    no collation, no gather, no views), so the ratio device / pre-made charges the whole in-memory
    data path to the views, the strictest reading of "views never the bottleneck"; everything else
    (Lightning's loop, the online probe, logging, the optimizer, the EMA teacher) is the same code.
-   Runs alternate (device, pre-made, ...) ``--repeats`` times; the figures are medians.
+   Runs alternate (device, pre-made, ...) ``--repeats`` times; the figures are medians. With
+   ``--compile-views`` both measurements add device views drawn through ``torch.compile``
+   (``data.compile_views``), timed after the compilation (it happens in the warm-up epoch / steps).
 
 Settings, stated in the output: the recipe's model, optimizer and views; ``--precision`` (default
 the recipes' 16-mixed; ``bf16-mixed`` is the usual choice on Hopper); ``--channels-last``,
@@ -113,6 +115,8 @@ def data_paths(args: argparse.Namespace) -> dict[str, list[str]]:
             "--data.view_device", "device", "--data.in_memory", "true", "--data.num_workers", str(args.num_workers),
         ],
     }
+    if args.compile_views:
+        paths["device_views_in_memory_compiled"] = [*paths["device_views_in_memory"], "--data.compile_views", "true"]
     if args.cpu_view_workers:
         paths[f"cpu_views_{args.cpu_view_workers}_workers"] = [
             "--data.view_device", "cpu", "--data.num_workers", str(args.cpu_view_workers),
@@ -243,10 +247,12 @@ def epoch_throughput(method: str, args: argparse.Namespace, data: list[str]) -> 
     }
 
 
-def time_steps(method: str, args: argparse.Namespace, premade: dict | None) -> tuple[float, dict]:
-    """One timed window: device views (premade None) or the given pre-made batch every step."""
+def time_steps(
+    method: str, args: argparse.Namespace, premade: dict | None, data_path: str = "device_views_in_memory"
+) -> tuple[float, dict]:
+    """One timed window: device views (premade None) on `data_path`, or the given pre-made batch every step."""
     steps = args.warmup_steps + args.timed_steps
-    device_views = data_paths(args)["device_views_in_memory"]
+    device_views = data_paths(args)[data_path]
     cli = recipe_cli(method, args, device_views, ["--trainer.max_steps", str(steps), "--trainer.max_epochs", "1"])
     window = StepWindow(args.warmup_steps, args.timed_steps)
     cli.trainer.callbacks.append(window)
@@ -260,17 +266,23 @@ def time_steps(method: str, args: argparse.Namespace, premade: dict | None) -> t
 
 
 def views_vs_premade(method: str, args: argparse.Namespace) -> dict:
-    """Measurement 2: step time with device views against the same steps on pre-made views."""
-    times: dict[str, list[float]] = {"device_views": [], "premade_views": []}
+    """Measurement 2: step time with device views (eager, and compiled with --compile-views) against
+    the same steps on pre-made views (the batches of the eager run)."""
+    arms = {"device_views": "device_views_in_memory"}
+    if args.compile_views:
+        arms["device_views_compiled"] = "device_views_in_memory_compiled"
+    times: dict[str, list[float]] = {name: [] for name in [*arms, "premade_views"]}
     for _ in range(args.repeats):
-        seconds, batch = time_steps(method, args, premade=None)
-        times["device_views"].append(seconds)
+        for name, data_path in arms.items():
+            seconds, drawn = time_steps(method, args, premade=None, data_path=data_path)
+            times[name].append(seconds)
+            if name == "device_views":
+                batch = drawn  # what the pre-made run trains on
         times["premade_views"].append(time_steps(method, args, premade=batch)[0])
-    device, premade = statistics.median(times["device_views"]), statistics.median(times["premade_views"])
+    median = {name: statistics.median(values) for name, values in times.items()}
     return {
-        "step_ms_device_views": round(1000 * device, 3),
-        "step_ms_premade_views": round(1000 * premade, 3),
-        "ratio_device_over_premade": round(device / premade, 4),
+        **{f"step_ms_{name}": round(1000 * seconds, 3) for name, seconds in median.items()},
+        **{f"ratio_{name}_over_premade": round(median[name] / median["premade_views"], 4) for name in arms},
         "target_ratio_at_most": 1.05,
         "step_ms_each_repeat": {key: [round(1000 * s, 3) for s in values] for key, values in times.items()},
     }
@@ -309,6 +321,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels-last convolution weights")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone and heads")
+    parser.add_argument("--compile-views", action="store_true",
+                        help="also time device views with data.compile_views (both measurements)")
     parser.add_argument("--num-workers", type=int, default=8, help="workers that decode the split into memory")
     parser.add_argument("--cpu-view-workers", type=int, default=0,
                         help="also time view_device=cpu with this many DataLoader workers (0: skip)")

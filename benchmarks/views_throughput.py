@@ -15,10 +15,14 @@ of batches of `--batch` images into the main process, pinned memory with `--devi
 images are random uint8 images held in memory (no decoding, so it is the augmentation pipeline's
 own rate, the CPU path's best case); `--loader-warmup` batches are taken before `--loader-batches`
 timed ones, so worker start-up and the initially filled prefetch queue stay out of the figure.
-Views per second like the other rows (two views per image: images/s is half). On the GPU machine
-(16 cores), for the issue's "10x a 16-worker pipeline", from the repository root:
+Views per second like the other rows (two views per image: images/s is half).
 
-    PYTHONPATH=. python3 benchmarks/views_throughput.py --device cuda --loader-workers 16 \\
+`--compile` adds `device_views_compiled_T_threads`: `DeviceViews(compile=True)` (what
+`data.compile_views` selects), timed after a warm-up call that compiles.
+
+On the GPU machine (16 cores), for the issue's "10x a 16-worker pipeline", from the repository root:
+
+    PYTHONPATH=. python3 benchmarks/views_throughput.py --device cuda --compile --loader-workers 16 \\
         --out $OUT/views_throughput_gpu.json
 """
 
@@ -58,8 +62,10 @@ def per_image_views_per_second(size: int, images: torch.Tensor, repeats: int) ->
     return 2 * len(images) / seconds
 
 
-def device_views_per_second(size: int, images: torch.Tensor, repeats: int, device: torch.device) -> float:
-    views = DeviceViews(resolve_views("simclr", size, 3), MEAN, STD).to(device)
+def device_views_per_second(
+    size: int, images: torch.Tensor, repeats: int, device: torch.device, compile: bool = False
+) -> float:
+    views = DeviceViews(resolve_views("simclr", size, 3), MEAN, STD, compile=compile).to(device)
     batch = images.to(device)
 
     def run() -> None:
@@ -149,6 +155,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the batched paths")
+    parser.add_argument("--compile", action="store_true", help="also time DeviceViews(compile=True)")
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="also time the per-image pipeline through a DataLoader with this many workers (0: skip)")
     parser.add_argument("--loader-warmup", type=int, default=40, help="untimed DataLoader batches")
@@ -177,6 +184,10 @@ def main() -> None:
         row[f"device_views_batched_{batched_threads}_threads"] = device_views_per_second(
             size, images, args.repeats, device
         )
+        if args.compile:  # timed after the warm-up call, which compiles
+            row[f"device_views_compiled_{batched_threads}_threads"] = device_views_per_second(
+                size, images, args.repeats, device, compile=True
+            )
         if has_kornia:
             row["kornia_batched"] = kornia_views_per_second(size, images, args.repeats, device)
         if args.loader_workers:

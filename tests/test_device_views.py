@@ -108,7 +108,8 @@ def test_jitter_ops_equal_torchvision_for_identical_factors(images):
     assert torch.allclose(dv.adjust_contrast(one_channel.clone(), factor), expected, atol=1e-6)
 
 
-def test_color_jitter_applies_each_samples_order(images):
+@pytest.mark.parametrize("blend", [False, True])
+def test_color_jitter_applies_each_samples_order(images, blend):
     factors, order = sample_jitter(len(images), 0.4, 0.4, 0.4, 0.1, generator=torch.Generator().manual_seed(3))
     reference_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     expected = []
@@ -116,7 +117,7 @@ def test_color_jitter_applies_each_samples_order(images):
         for op in o.tolist():
             image = reference_ops[op](image, float(f[op]))
         expected.append(image)
-    assert torch.allclose(dv.color_jitter(images, factors, order), torch.stack(expected), atol=1e-5)
+    assert torch.allclose(dv.color_jitter(images, factors, order, blend=blend), torch.stack(expected), atol=1e-5)
 
 
 def test_hue_equals_torchvision_hsv_shift_including_grey_and_tied_pixels(images):

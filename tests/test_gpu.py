@@ -10,6 +10,9 @@ from torch import nn
 from fakes import fake_loader, tiny_method
 from ssl_lightning.callbacks import ThrottledProgressBar
 from ssl_lightning.datamodules import Digits
+from ssl_lightning.datamodules.device_views import DeviceViews
+from ssl_lightning.datamodules.views import resolve_views
+from test_device_views_compiled import STD, assert_same_views
 from ssl_lightning.methods import METHODS
 
 pytestmark = [
@@ -80,8 +83,8 @@ class SyncWarningsPerStep(L.Callback):
             self.per_step[self._open] = [str(w.message) for w in self.caught[self._taken:] if "synchroniz" in str(w.message)]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_training_steps_between_logger_steps_never_wait_for_the_gpu(name, tmp_path):
+@pytest.mark.parametrize("name,compile_views", [(name, False) for name in sorted(METHODS)] + [("SimCLR", True)])
+def test_training_steps_between_logger_steps_never_wait_for_the_gpu(name, compile_views, tmp_path):
     model = tiny_method(name, channels_last=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -92,8 +95,17 @@ def test_training_steps_between_logger_steps_never_wait_for_the_gpu(name, tmp_pa
             limit_val_batches=0, callbacks=[ThrottledProgressBar(metrics_every_s=3600), watch],
         )
         # Device views from the in-memory uint8 dataset: the whole data path runs on the GPU.
-        trainer.fit(model, Digits(batch_size=32, num_workers=0, view_device="device", in_memory=True))
-    # Step 0 pays the start-up (moving the dataset, cuDNN's choices); steps 3 and 7 are logger steps.
+        data = Digits(batch_size=32, num_workers=0, view_device="device", in_memory=True, compile_views=compile_views)
+        trainer.fit(model, data)
+    # Step 0 pays the start-up (moving the dataset, cuDNN's choices, compiling); steps 3 and 7 are logger steps.
     waits = {step: messages for step, messages in watch.per_step.items() if step not in (0, 3, 7) and messages}
     assert watch.per_step[3], "the logger step's reads are seen (else the debug mode caught nothing)"
     assert len(watch.per_step) == 8 and not waits, waits
+
+
+def test_compiled_views_on_the_gpu_equal_the_eager_views():
+    specs = resolve_views("byol", 32, 3)  # two specs; partial jitter, blur and solarize choices
+    images = torch.randint(0, 256, (64, 3, 40, 40), dtype=torch.uint8, device="cuda")
+    eager, compiled = (DeviceViews(specs, (0.5,) * 3, (STD,) * 3, compile=flag).cuda() for flag in (False, True))
+    drawn = compiled(images, torch.Generator("cuda").manual_seed(0))
+    assert_same_views(drawn, eager(images, torch.Generator("cuda").manual_seed(0)))

@@ -14,7 +14,7 @@ Differences from the CPU pipeline (measured in docs/device_views.md):
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -112,16 +112,16 @@ def blends_selections(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def apply_to(chosen: torch.Tensor, images: torch.Tensor, op, *args: torch.Tensor) -> torch.Tensor:
+def apply_to(chosen: torch.Tensor, images: torch.Tensor, op, *args: torch.Tensor, blend: bool) -> torch.Tensor:
     """``op(images[i], args[i])`` where ``chosen[i]``, ``images[i]`` elsewhere; ops are per sample.
 
-    On the CPU the chosen samples are picked by index, so no work is spent on the others. On an
-    accelerator picking by a boolean mask needs the count on the host, a sync that stalls the
-    stream every time (dozens per step); there every sample goes through ``op`` and ``torch.where``
-    keeps the chosen results, more arithmetic but no wait. The CPU path writes into ``images``, so
-    callers pass a tensor of their own.
+    Indexing (``blend=False``, the CPU's way) picks the chosen samples, so no work is spent on the
+    others. On an accelerator picking by a boolean mask needs the count on the host, a sync that
+    stalls the stream every time (dozens per step), and a compiled graph cannot have data-dependent
+    shapes; blending runs every sample through ``op`` and ``torch.where`` keeps the chosen results,
+    more arithmetic but no wait. Indexing writes into ``images``, so callers pass a tensor of their own.
     """
-    if blends_selections(images.device):
+    if blend:
         return torch.where(chosen.view(-1, 1, 1, 1), op(images, *args), images)
     picked = chosen.nonzero().squeeze(1)
     if len(picked):  # none picked: nothing to run (a grouped convolution over zero channels fails)
@@ -129,13 +129,13 @@ def apply_to(chosen: torch.Tensor, images: torch.Tensor, op, *args: torch.Tensor
     return images
 
 
-def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, blend: bool) -> torch.Tensor:
     """Applies op order[i, k] with factors[i, op] in slot k. Each slot runs each op on the samples
-    that drew it, so on the CPU the work is four ops over the batch whatever the orders."""
+    that drew it, so when indexing the work is four ops over the batch whatever the orders."""
     out = images.clone()
     for slot in range(4):
         for op_index, op in enumerate(JITTER_OPS):
-            out = apply_to(order[:, slot] == op_index, out, op, factors[:, op_index])
+            out = apply_to(order[:, slot] == op_index, out, op, factors[:, op_index], blend=blend)
     return out
 
 
@@ -157,36 +157,85 @@ def solarize(images: torch.Tensor) -> torch.Tensor:
     return torch.where(images >= SOLARIZE_THRESHOLD, 1 - images, images)
 
 
+def sample_view_params(
+    n: int, height: int, width: int, spec: ViewSpec, device: torch.device, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """The per-sample random parameters of one view of `n` images of height x width drawn with `spec`
+    (only those of the ops `spec` applies), in a fixed order of draws."""
+    kw = {"device": device, "generator": generator}
+    params = {"boxes": sample_crop_boxes(n, height, width, spec.crop_scale, **kw), "flip": sample_mask(n, spec.flip_p, **kw)}
+    if spec.jitter_p > 0:
+        params["jitter_factors"], params["jitter_order"] = sample_jitter(
+            n, spec.brightness, spec.contrast, spec.saturation, spec.hue, **kw
+        )
+        params["jitter"] = sample_mask(n, spec.jitter_p, **kw)
+    if spec.grayscale_p > 0:
+        params["grayscale"] = sample_mask(n, spec.grayscale_p, **kw)
+    if spec.blur_p > 0:
+        params["blur_sigma"] = sample_sigma(n, spec.blur_sigma, **kw)
+        params["blur"] = sample_mask(n, spec.blur_p, **kw)
+    if spec.solarize_p > 0:
+        params["solarize"] = sample_mask(n, spec.solarize_p, **kw)
+    return params
+
+
+def render_view(images: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec, blend: bool) -> torch.Tensor:
+    """The view of `images` (float in [0, 1]) that `params` (from `sample_view_params`) describe; un-normalised.
+
+    A pure function of tensors: no random draws and, with ``blend=True``, no data-dependent shapes,
+    so ``torch.compile`` can fuse it whole (``DeviceViews(compile=True)``).
+    """
+    out = crop_resize(images, params["boxes"], spec.crop_size, params["flip"])
+    if "jitter" in params:
+        jitter = partial(color_jitter, blend=blend)
+        out = apply_to(params["jitter"], out, jitter, params["jitter_factors"], params["jitter_order"], blend=blend)
+    if "grayscale" in params and out.shape[1] == 3:
+        out = torch.where(params["grayscale"].view(-1, 1, 1, 1), to_gray(out).expand_as(out), out)
+    if "blur" in params:
+        blur = partial(gaussian_blur, kernel_size=blur_kernel_size(spec.crop_size))
+        out = apply_to(params["blur"], out, blur, params["blur_sigma"], blend=blend)
+    if "solarize" in params:
+        out = torch.where(params["solarize"].view(-1, 1, 1, 1), solarize(out), out)
+    return out
+
+
 def augment(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator | None = None) -> torch.Tensor:
     """One view per image of `images` (float in [0, 1]) drawn with `spec`; un-normalised."""
     n, _, height, width = images.shape
-    kw = {"device": images.device, "generator": generator}
-    boxes = sample_crop_boxes(n, height, width, spec.crop_scale, **kw)
-    out = crop_resize(images, boxes, spec.crop_size, sample_mask(n, spec.flip_p, **kw))
-    if spec.jitter_p > 0:
-        factors, order = sample_jitter(n, spec.brightness, spec.contrast, spec.saturation, spec.hue, **kw)
-        out = apply_to(sample_mask(n, spec.jitter_p, **kw), out, color_jitter, factors, order)
-    if spec.grayscale_p > 0 and out.shape[1] == 3:
-        out = torch.where(sample_mask(n, spec.grayscale_p, **kw).view(-1, 1, 1, 1), to_gray(out).expand_as(out), out)
-    if spec.blur_p > 0:
-        sigma = sample_sigma(n, spec.blur_sigma, **kw)
-        blur = partial(gaussian_blur, kernel_size=blur_kernel_size(spec.crop_size))
-        out = apply_to(sample_mask(n, spec.blur_p, **kw), out, blur, sigma)
-    if spec.solarize_p > 0:
-        out = torch.where(sample_mask(n, spec.solarize_p, **kw).view(-1, 1, 1, 1), solarize(out), out)
-    return out
+    params = sample_view_params(n, height, width, spec, images.device, generator)
+    return render_view(images, params, spec, blend=blends_selections(images.device))
+
+
+def draw_views(
+    images: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec, mean: torch.Tensor, std: torch.Tensor,
+    blend: bool,
+) -> torch.Tensor:
+    """`spec.num` normalised views of each uint8 image, stacked view after view (what `DeviceViews`
+    compiles: from the uint8 batch to the normalised views, one function of tensors)."""
+    pixels = images.float().div(255).repeat(spec.num, 1, 1, 1)
+    return (render_view(pixels, params, spec, blend) - mean) / std
 
 
 class DeviceViews(nn.Module):
     """A resolved view recipe as a batched module: uint8 BxCxHxW in, the recipe's views out
-    (a list of float BxCxSxS tensors, normalised, in recipe order like `MultiViewTransform`)."""
+    (a list of float BxCxSxS tensors, normalised, in recipe order like `MultiViewTransform`).
 
-    def __init__(self, specs: list[ViewSpec], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    ``compile=True`` runs the pixel work (everything after the random draws, which stay eager on
+    the given generator) through ``torch.compile``, blending every per-sample choice: on an
+    accelerator the eager path is hundreds of small kernels per batch, which the compiler fuses
+    into a few. The first batch of each shape pays the compilation. On the CPU the eager path,
+    which indexes the chosen samples instead of blending, measured faster (docs/device_views.md).
+    """
+
+    def __init__(
+        self, specs: list[ViewSpec], mean: tuple[float, ...], std: tuple[float, ...], compile: bool = False
+    ) -> None:
         super().__init__()
         for spec in specs:
             if spec.crop_size is None or not spec.augments:
                 raise ValueError(f"DeviceViews needs resolved, augmenting specs (see resolve_views); got {spec}")
         self.specs = list(specs)
+        self.compile = compile
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
@@ -194,11 +243,21 @@ class DeviceViews(nn.Module):
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise TypeError(f"DeviceViews expects a uint8 BxCxHxW batch, got {images.dtype} {tuple(images.shape)}")
-        pixels = images.float().div_(255)
+        n, _, height, width = images.shape
         mean, std = self.mean.to(images.device), self.std.to(images.device)
+        draw = compiled_draw_views() if self.compile else draw_views
+        blend = self.compile or blends_selections(images.device)
         views = []
         for spec in self.specs:
             # All views of one spec in one batched call; they split back in recipe order.
-            drawn = augment(pixels.repeat(spec.num, 1, 1, 1), spec, generator)
-            views += list(((drawn - mean) / std).chunk(spec.num))
+            params = sample_view_params(spec.num * n, height, width, spec, images.device, generator)
+            views += list(draw(images, params, spec, mean, std, blend).chunk(spec.num))
         return views
+
+
+@cache
+def compiled_draw_views():
+    """`draw_views` through ``torch.compile``, made once per process (a compiled function does not
+    pickle, and DataModules travel to ``ddp_spawn`` workers). Shapes are static: a batch of a new
+    size (a last, smaller batch without ``drop_last``) compiles once more."""
+    return torch.compile(draw_views, dynamic=False)
