@@ -3,12 +3,18 @@
 # a session lent the device machine (one H100; the tool runs each command in a copy of the
 # repository root). If a part runs out of time, run it again with fewer methods.
 #
-#   bash benchmarks/gpu_session.sh tests      # pytest -m gpu: bf16, channels-last, SyncBatchNorm, host syncs, FSDP
-#   bash benchmarks/gpu_session.sh speed      # gpu_training_speed.py: images/s, 200-epoch projection, device vs pre-made views
-#   bash benchmarks/gpu_session.sh speed-bf16 # the same with Hopper's usual settings (bf16, channels-last, cuDNN benchmark)
-#   bash benchmarks/gpu_session.sh views      # views_throughput.py on the GPU against a 16-worker PIL loader
+# In order of what issue 5 needs most (a session has 30 minutes of device time, machine start-up
+# included, so the last parts may wait for the next one):
+#
+#   bash benchmarks/gpu_session.sh tests      # pytest -m gpu: bf16, channels-last, SyncBatchNorm, host syncs,
+#                                             # FSDP, compiled views
+#   bash benchmarks/gpu_session.sh speed      # gpu_training_speed.py: images/s, 200-epoch projection, device views
+#                                             # (eager and compiled) vs pre-made views
+#   bash benchmarks/gpu_session.sh views      # views_throughput.py on the GPU (eager and compiled) against a
+#                                             # 16-worker PIL loader
 #   bash benchmarks/gpu_session.sh overhead   # framework_overhead.py on the GPU: Lightning against a bare loop,
 #                                             # and the cost of a host read per step (Lightning's bar, skip policy)
+#   bash benchmarks/gpu_session.sh speed-bf16 # speed with Hopper's usual settings (bf16, channels-last, cuDNN benchmark)
 #
 # Run each through the device tool with carry [".devdata"]; results land in $OUT (JSON, and the
 # pytest log). .devdata is git-ignored and holds the CIFAR-10 npz and the wheels the device image
