@@ -120,6 +120,19 @@ def test_color_jitter_applies_each_samples_order(images, blend):
     assert torch.allclose(dv.color_jitter(images, factors, order, blend=blend), torch.stack(expected), atol=1e-5)
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_blended_jitter_is_bit_for_bit_each_op_blended_in_turn(images, channels):
+    # The blended jitter folds brightness, contrast and saturation into one affine step per slot.
+    images = images[:, :channels]
+    factors, order = sample_jitter(len(images), 0.4, 0.4, 0.4, 0.1, generator=torch.Generator().manual_seed(5))
+    expected = images
+    for slot in range(4):
+        for op_index, op in enumerate(dv.JITTER_OPS):
+            chosen = (order[:, slot] == op_index).view(-1, 1, 1, 1)
+            expected = torch.where(chosen, op(expected.clone(), factors[:, op_index]), expected)
+    assert torch.equal(dv.color_jitter(images, factors, order, blend=True), expected)
+
+
 def test_hue_equals_torchvision_hsv_shift_including_grey_and_tied_pixels(images):
     images = images.clone()
     images[:3] = images[:3, :1]  # grey pixels: hue 0, saturation 0

@@ -89,13 +89,14 @@ def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     r, g, b = images.unbind(1)
     value, low = images.amax(1), images.amin(1)
     spread = value - low
-    safe_spread = torch.where(spread > 0, spread, torch.ones_like(spread))  # grey pixels keep hue 0
+    coloured = spread > 0  # grey pixels keep hue 0
+    safe_spread = torch.where(coloured, spread, 1.0)
     hue = torch.where(
         value == r, (g - b) / safe_spread, torch.where(value == g, 2 + (b - r) / safe_spread, 4 + (r - g) / safe_spread)
     )
-    hue = torch.where(spread > 0, hue, torch.zeros_like(hue))
+    hue = torch.where(coloured, hue, 0.0)
     hue = (hue / 6 + 1 + factor.view(-1, 1, 1)).remainder(1)
-    saturation = spread / torch.where(value > 0, value, torch.ones_like(value))
+    saturation = spread / torch.where(value > 0, value, 1.0)
     # HSV -> RGB in closed form: channel n (5, 3, 1 for R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1),
     # k = (n + 6 h) mod 6; the same values as the six-sector table torchvision uses.
     offsets = images.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
@@ -130,12 +131,44 @@ def apply_to(chosen: torch.Tensor, images: torch.Tensor, op, *args: torch.Tensor
 
 
 def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, blend: bool) -> torch.Tensor:
-    """Applies op order[i, k] with factors[i, op] in slot k. Each slot runs each op on the samples
-    that drew it, so when indexing the work is four ops over the batch whatever the orders."""
+    """Applies op order[i, k] with factors[i, op] in slot k (ops in `JITTER_OPS` order)."""
+    if blend:
+        return _color_jitter_blended(images, factors, order)
+    # Each slot runs each op on the samples that drew it: four ops of work per batch whatever the orders.
     out = images.clone()
     for slot in range(4):
         for op_index, op in enumerate(JITTER_OPS):
-            out = apply_to(order[:, slot] == op_index, out, op, factors[:, op_index], blend=blend)
+            out = apply_to(order[:, slot] == op_index, out, op, factors[:, op_index], blend=False)
+    return out
+
+
+def _color_jitter_blended(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`color_jitter` for every sample at once, in about a third of the kernels of blending each op.
+
+    Brightness, contrast and saturation are one affine step, clamp(a x + b gray(x) + c mean(gray(x)))
+    with per-sample (a, b, c) = (f, 0, 0), (f, 0, 1 - f) and (f, 1 - f, 0); a slot that holds the hue
+    gets (1, 0, 0), which returns x exactly, and the hue is blended in after it. So a slot costs one
+    affine step and one hue over the batch instead of four ops and four blends, and the pixels are
+    those of the ops themselves (adding a zero term and multiplying by one are exact in floating point).
+    """
+    brightness, contrast, saturation, hue = range(4)
+    three_channels = images.shape[1] == 3  # torchvision: saturation and hue are no-ops on one channel
+    drawn = factors.gather(1, order)  # (n, 4): the factor of the op in each slot
+    is_hue = order == hue
+    identity = is_hue | (order == saturation) if not three_channels else is_hue
+    scale = torch.where(identity, 1.0, drawn)
+    to_gray_weight = torch.where(order == saturation, 1 - drawn, 0.0)
+    to_mean_weight = torch.where(order == contrast, 1 - drawn, 0.0)
+    out = images
+    for slot in range(4):
+        gray = to_gray(out)
+        mixed = scale[:, slot].view(-1, 1, 1, 1) * out
+        if three_channels:
+            mixed = mixed + to_gray_weight[:, slot].view(-1, 1, 1, 1) * gray
+        mixed = mixed + to_mean_weight[:, slot].view(-1, 1, 1, 1) * gray.mean((1, 2, 3), keepdim=True)
+        out = mixed.clamp_(0, 1)
+        if three_channels:
+            out = torch.where(is_hue[:, slot].view(-1, 1, 1, 1), adjust_hue(out, factors[:, hue]), out)
     return out
 
 
