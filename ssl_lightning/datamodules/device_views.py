@@ -143,7 +143,7 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tenso
 
 
 def _color_jitter_blended(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """`color_jitter` for every sample at once, in about a third of the kernels of blending each op.
+    """`color_jitter` for every sample at once, with fewer kernels than blending each op in turn.
 
     Brightness, contrast and saturation are one affine step, clamp(a x + b gray(x) + c mean(gray(x)))
     with per-sample (a, b, c) = (f, 0, 0), (f, 0, 1 - f) and (f, 1 - f, 0); a slot that holds the hue
@@ -268,7 +268,7 @@ class DeviceViews(nn.Module):
             if spec.crop_size is None or not spec.augments:
                 raise ValueError(f"DeviceViews needs resolved, augmenting specs (see resolve_views); got {spec}")
         self.specs = list(specs)
-        self.compile = compile
+        self.compiled = compile  # not `self.compile`, which would hide nn.Module.compile
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
@@ -278,8 +278,8 @@ class DeviceViews(nn.Module):
             raise TypeError(f"DeviceViews expects a uint8 BxCxHxW batch, got {images.dtype} {tuple(images.shape)}")
         n, _, height, width = images.shape
         mean, std = self.mean.to(images.device), self.std.to(images.device)
-        draw = compiled_draw_views() if self.compile else draw_views
-        blend = self.compile or blends_selections(images.device)
+        draw = compiled_draw_views() if self.compiled else draw_views
+        blend = self.compiled or blends_selections(images.device)
         views = []
         for spec in self.specs:
             # All views of one spec in one batched call; they split back in recipe order.
