@@ -57,7 +57,7 @@ def make_views_on_device(batch: dict, views: DeviceViews) -> dict:
 
 
 #: Largest view size at which batched views were measured faster than the per-image pipeline on one
-#: CPU thread (benchmarks/RESULTS.md "View throughput": 5.6x at 32 px, 1.5-1.9x at 96-224 px).
+#: CPU thread (benchmarks/RESULTS.md "View throughput": 5.6x at 32 px, 1.5-1.8x at 96-224 px).
 BATCHED_MEASURED_FASTER_UP_TO = 224
 
 
