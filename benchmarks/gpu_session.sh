@@ -8,10 +8,11 @@
 #
 #   bash benchmarks/gpu_session.sh tests      # pytest -m gpu: bf16, channels-last, SyncBatchNorm, host syncs,
 #                                             # FSDP, compiled views
-#   bash benchmarks/gpu_session.sh speed      # gpu_training_speed.py: images/s, 200-epoch projection, device views
-#                                             # (eager and compiled) vs pre-made views
+#   bash benchmarks/gpu_session.sh speed      # gpu_training_speed.py: images/s and 200-epoch projection of the three
+#                                             # recipes (device views eager and compiled, CPU views in 16 workers)
 #   bash benchmarks/gpu_session.sh views      # views_throughput.py on the GPU (eager and compiled) against a
-#                                             # 16-worker PIL loader
+#                                             # 16-worker PIL loader; SimCLR's step with device views (eager,
+#                                             # compiled) against pre-made views
 #   bash benchmarks/gpu_session.sh overhead   # framework_overhead.py on the GPU: Lightning against a bare loop,
 #                                             # and the cost of a host read per step (Lightning's bar, skip policy)
 #   bash benchmarks/gpu_session.sh speed-bf16 # speed with Hopper's usual settings (bf16, channels-last, cuDNN benchmark)
@@ -46,16 +47,22 @@ case "$part" in
       | tee "$out/pytest_gpu.log"
     ;;
   speed)
+    # Measurement 1 (images/s, 200-epoch projection) for the three recipes: device views (eager and
+    # compiled) and per-image CPU views in 16 workers. Device vs pre-made views is the views part.
     python3 benchmarks/gpu_training_speed.py --data .devdata/cifar10_jpeg.npz --cpu-view-workers 16 --compile-views \
-      --out "$out/gpu_training_speed.json"
+      --repeats 0 --out "$out/gpu_training_speed.json"
     ;;
   speed-bf16)
     python3 benchmarks/gpu_training_speed.py --data .devdata/cifar10_jpeg.npz --precision bf16-mixed \
-      --channels-last --cudnn-benchmark --out "$out/gpu_training_speed_bf16.json"
+      --channels-last --cudnn-benchmark --repeats 0 --out "$out/gpu_training_speed_bf16.json"
     ;;
   views)
+    # Views/s against a 16-worker per-image loader, then step time with device views (eager and
+    # compiled) against pre-made views: SimCLR, the lightest step of the three, so the strictest case.
     python3 benchmarks/views_throughput.py --device cuda --batch 512 --compile --loader-workers 16 \
       --out "$out/views_throughput_gpu.json"
+    python3 benchmarks/gpu_training_speed.py --data .devdata/cifar10_jpeg.npz --methods simclr --compile-views \
+      --skip-throughput --out "$out/views_vs_premade_gpu.json"
     ;;
   overhead)
     python3 benchmarks/framework_overhead.py --device cuda --layers 2 2 2 2 --widths 64 128 256 512 \

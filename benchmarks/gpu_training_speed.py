@@ -329,6 +329,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=20, help="untimed steps of each device/pre-made run")
     parser.add_argument("--timed-steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="device/pre-made run pairs (0: skip measurement 2)")
+    parser.add_argument("--skip-throughput", action="store_true", help="skip measurement 1 (only device vs pre-made)")
     parser.add_argument("--smoke", action="store_true", help="a tiny CPU run that checks the script end to end")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -370,9 +371,10 @@ def main() -> None:
             "device_views_vs_premade": {},
         }
         for method in args.methods:
-            results["training_speed"][method] = {
-                name: epoch_throughput(method, args, data) for name, data in data_paths(args).items()
-            }
+            if not args.skip_throughput:
+                results["training_speed"][method] = {
+                    name: epoch_throughput(method, args, data) for name, data in data_paths(args).items()
+                }
             if args.repeats:
                 results["device_views_vs_premade"][method] = views_vs_premade(method, args)
             emit(results, args.out)  # after each method, so a cut-short run keeps what it measured
