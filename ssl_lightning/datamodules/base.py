@@ -207,7 +207,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
                 self.device_views = DeviceViews(self.view_specs, self.mean, self.std, compile=self.compile_views)
                 if self.compile_views and self._device_type() == "cpu":
                     rank_zero_warn(
-                        "compile_views=True on the CPU: compiled views measured 2-4x slower there than the eager "
+                        "compile_views=True on the CPU: compiled views measured 1.4-2x slower there than the eager "
                         "path, which indexes the chosen samples instead of blending (docs/device_views.md); "
                         "compile_views is meant for accelerators"
                     )

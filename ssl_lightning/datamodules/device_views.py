@@ -143,32 +143,51 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tenso
 
 
 def _color_jitter_blended(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """`color_jitter` for every sample at once, with fewer kernels than blending each op in turn.
+    """`color_jitter` for every sample at once, with few kernels and the pixels of the ops themselves.
 
     Brightness, contrast and saturation are one affine step, clamp(a x + b gray(x) + c mean(gray(x)))
-    with per-sample (a, b, c) = (f, 0, 0), (f, 0, 1 - f) and (f, 1 - f, 0); a slot that holds the hue
-    gets (1, 0, 0), which returns x exactly, and the hue is blended in after it. So a slot costs one
-    affine step and one hue over the batch instead of four ops and four blends, and the pixels are
-    those of the ops themselves (adding a zero term and multiplying by one are exact in floating point).
+    with per-sample (a, b, c) = (f, 0, 0), (f, 0, 1 - f) and (f, 1 - f, 0); (1, 0, 0) leaves x exactly
+    as it is (multiplying by one and adding zero are exact in floating point). Each sample's hue sits
+    in one slot, so the ops run as: the slots before it (affine steps 0-2, identity from the hue's
+    slot on), the hue shift once, then the slots after it (affine steps 1-3, identity up to the
+    hue's slot): six affine steps and one hue over the batch instead of four ops in each of the
+    four slots, bit for bit the same pixels for images in [0, 1] (which an identity step's clamp keeps).
     """
     brightness, contrast, saturation, hue = range(4)
-    three_channels = images.shape[1] == 3  # torchvision: saturation and hue are no-ops on one channel
     drawn = factors.gather(1, order)  # (n, 4): the factor of the op in each slot
-    is_hue = order == hue
-    identity = is_hue | (order == saturation) if not three_channels else is_hue
-    scale = torch.where(identity, 1.0, drawn)
-    to_gray_weight = torch.where(order == saturation, 1 - drawn, 0.0)
-    to_mean_weight = torch.where(order == contrast, 1 - drawn, 0.0)
+    scale = torch.where(order == hue, 1.0, drawn)
+    gray_weight = torch.where(order == saturation, 1 - drawn, 0.0)
+    mean_weight = torch.where(order == contrast, 1 - drawn, 0.0)
+    if images.shape[1] == 1:  # torchvision: saturation and hue are no-ops on one channel
+        scale = torch.where(order == saturation, 1.0, scale)
+        return _affine_steps(images, scale, None, mean_weight, range(4))
+    hue_slot = (order == hue).int().argmax(1, keepdim=True)
+    slots = torch.arange(4, device=order.device)
+    before, after = slots < hue_slot, slots > hue_slot
+    out = _affine_steps(
+        images, torch.where(before, scale, 1.0), torch.where(before, gray_weight, 0.0),
+        torch.where(before, mean_weight, 0.0), range(3),
+    )
+    out = adjust_hue(out, factors[:, hue])
+    return _affine_steps(
+        out, torch.where(after, scale, 1.0), torch.where(after, gray_weight, 0.0),
+        torch.where(after, mean_weight, 0.0), range(1, 4),
+    )
+
+
+def _affine_steps(
+    images: torch.Tensor, scale: torch.Tensor, gray_weight: torch.Tensor | None, mean_weight: torch.Tensor, slots
+) -> torch.Tensor:
+    """clamp(scale x + gray_weight gray(x) + mean_weight mean(gray(x))) for each of `slots` in turn,
+    with the per-sample (n, 4) weights of each slot (no gray term for one channel)."""
     out = images
-    for slot in range(4):
+    for slot in slots:
         gray = to_gray(out)
         mixed = scale[:, slot].view(-1, 1, 1, 1) * out
-        if three_channels:
-            mixed = mixed + to_gray_weight[:, slot].view(-1, 1, 1, 1) * gray
-        mixed = mixed + to_mean_weight[:, slot].view(-1, 1, 1, 1) * gray.mean((1, 2, 3), keepdim=True)
+        if gray_weight is not None:
+            mixed = mixed + gray_weight[:, slot].view(-1, 1, 1, 1) * gray
+        mixed = mixed + mean_weight[:, slot].view(-1, 1, 1, 1) * gray.mean((1, 2, 3), keepdim=True)
         out = mixed.clamp_(0, 1)
-        if three_channels:
-            out = torch.where(is_hue[:, slot].view(-1, 1, 1, 1), adjust_hue(out, factors[:, hue]), out)
     return out
 
 
