@@ -20,7 +20,7 @@ from ssl_lightning.export import export_command
 from ssl_lightning.callbacks.preemption import SaveOnInterrupt
 from ssl_lightning.callbacks.progress import ThrottledProgressBar
 from ssl_lightning.callbacks.random_states import RandomStates
-from ssl_lightning.callbacks.throughput import ImagesPerSecond
+from ssl_lightning.callbacks.throughput import ImagesPerSecond, InputWait
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
 from ssl_lightning.methods import EVALUATIONS, METHODS
 from ssl_lightning.runs import find_resume_checkpoint, load_wandb_run_id, run_dir, save_wandb_run_id, step_checkpoint
@@ -141,7 +141,7 @@ class SSLCLI(LightningCLI):
         ):
             run = run_dir(config.root, config.run_name)
             callbacks.append(step_checkpoint(run, config.get("checkpoint_every_n_steps")))
-        for always_on in (SaveOnInterrupt, RandomStates, ImagesPerSecond):
+        for always_on in (SaveOnInterrupt, RandomStates, ImagesPerSecond, InputWait):
             if not any(isinstance(callback, always_on) for callback in callbacks):
                 callbacks.append(always_on())
         if trainer_config.get("enable_progress_bar") is not False and not any(

@@ -128,3 +128,9 @@ def test_progress_bar_is_the_throttled_one_unless_configured():
     assert bars("--trainer.enable_progress_bar", "false") == []
     own = '[{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 10}}]'
     assert bars("--trainer.callbacks", own) == ["TQDMProgressBar"]
+
+
+def test_every_run_saves_on_interrupt_keeps_rng_states_and_logs_throughput_and_input_wait():
+    trainer = instantiate("--config", str(QUICKSTART), "--trainer.callbacks", "[]").trainer
+    names = {type(callback).__name__ for callback in trainer.callbacks}
+    assert {"SaveOnInterrupt", "RandomStates", "ImagesPerSecond", "InputWait"} <= names

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fakes import fake_loader, tiny_method
-from ssl_lightning.callbacks import ThrottledProgressBar
+from ssl_lightning.callbacks import ImagesPerSecond, InputWait, ThrottledProgressBar
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.views import resolve_views
@@ -92,7 +92,8 @@ def test_training_steps_between_logger_steps_never_wait_for_the_gpu(name, compil
         trainer = L.Trainer(
             accelerator="gpu", devices=1, max_steps=8, log_every_n_steps=4, precision="bf16-mixed",
             logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False, enable_model_summary=False,
-            limit_val_batches=0, callbacks=[ThrottledProgressBar(metrics_every_s=3600), watch],
+            limit_val_batches=0,
+            callbacks=[ThrottledProgressBar(metrics_every_s=3600), ImagesPerSecond(), InputWait(), watch],
         )
         # Device views from the in-memory uint8 dataset: the whole data path runs on the GPU.
         data = Digits(batch_size=32, num_workers=0, view_device="device", in_memory=True, compile_views=compile_views)

@@ -9,12 +9,13 @@ from ssl_lightning.callbacks.plots import EmbeddingPlotCallback
 from ssl_lightning.callbacks.random_states import RandomStates
 from ssl_lightning.callbacks.rankme import SpectrumCallback
 from ssl_lightning.callbacks.spectrum import alpha_req, effective_rank, rankme, singular_values
-from ssl_lightning.callbacks.throughput import ImagesPerSecond
+from ssl_lightning.callbacks.throughput import ImagesPerSecond, InputWait
 
 __all__ = [
     "EmbeddingPlotCallback",
     "EmbeddingWriter",
     "ImagesPerSecond",
+    "InputWait",
     "KNNCallback",
     "KNNReport",
     "RandomStates",

@@ -192,6 +192,12 @@ class ViewDataModule(L.LightningDataModule, ABC):
     def num_views(self) -> int:
         return sum(spec.num for spec in self.view_specs)
 
+    @property
+    def train_wait_seconds(self) -> float | None:
+        """Host seconds training has waited for batches from the current training loader (None
+        before there is one); ``callbacks.InputWait`` turns it into a share of the training time."""
+        return None if self._train_loader is None else self._train_loader.wait_seconds
+
     def request_knn_bank(self) -> None:
         """Make val_dataloader() also return the un-augmented training split (dataloader_idx 1)."""
         self._knn_bank_requested = True

@@ -23,6 +23,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from time import perf_counter
 
 import numpy as np
 import torch
@@ -123,6 +124,11 @@ class ResumableDataLoader(DataLoader):
         if not isinstance(self.sampler, SeededSampler):
             raise TypeError(f"ResumableDataLoader needs a SeededSampler, got {type(self.sampler).__name__}")
         self.consumed_batches = consumed_batches
+        #: host seconds the training process has spent waiting for batches (``callbacks.InputWait``)
+        self.wait_seconds = 0.0
+
+    def __iter__(self) -> Iterator:
+        return WaitTimedIterator(super().__iter__(), self)
 
     def state_dict(self) -> dict:
         sampler: SeededSampler = self.sampler
@@ -134,6 +140,28 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+
+class WaitTimedIterator:
+    """A DataLoader iterator that adds the host time of every ``next`` to its loader's
+    ``wait_seconds``: with workers, the time the training process waits for them; without, the
+    time it spends loading."""
+
+    def __init__(self, iterator: Iterator, loader: ResumableDataLoader) -> None:
+        self._iterator, self._loader = iterator, loader
+
+    def __iter__(self) -> WaitTimedIterator:
+        return self
+
+    def __next__(self):
+        start = perf_counter()
+        try:
+            return next(self._iterator)
+        finally:
+            self._loader.wait_seconds += perf_counter() - start
+
+    def __len__(self) -> int:
+        return len(self._iterator)
 
 
 def split_seeded_item(item: int | tuple[int, int]) -> tuple[int, int | None]:
