@@ -243,6 +243,8 @@ def epoch_throughput(method: str, args: argparse.Namespace, data: list[str]) -> 
         "images_per_second_each_steady_epoch": [round(images / s, 1) for s in epochs[1:]],
         "projected_200_epochs_minutes": round(200 * steady / 60, 2),
         "fit_seconds_incl_setup": round(fit_seconds, 1),
+        # The host time the loop waited for batches (callbacks.InputWait's measure), over the whole fit.
+        "input_wait_seconds": round(cli.datamodule.train_wait_seconds, 2),
         "peak_gpu_memory_gib": peak_gib(),
     }
 
