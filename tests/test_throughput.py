@@ -94,7 +94,7 @@ def fit_timing_input_waits(tmp_path, monkeypatch, step_seconds: float, **data_kw
 def test_input_bound_training_logs_its_wait_and_warns_with_what_to_change(tmp_path, monkeypatch):
     # A step takes no time of its own: per step one second waited of three (two reads of the wait, one
     # batch start). Windows: steps 0-10, written at step 11's start, and steps 11-22, at step 23's.
-    with pytest.warns(UserWarning, match=r"waited for the next batch 33% of the time over the last 11 steps") as caught:
+    with pytest.warns(UserWarning, match=r"waited for the next batch 33% of the time over the last 11 batches") as caught:
         rows = fit_timing_input_waits(tmp_path, monkeypatch, step_seconds=0.0)
     advice = [str(w.message) for w in caught if "waited for the next batch" in str(w.message)]
     assert len(advice) == 1 and "raise data.num_workers (now 0), or keep a small dataset on the device" in advice[0]

@@ -78,14 +78,14 @@ class ImagesPerSecond(LoggerStepWindows):
 #: the model, sets the pace: the warning's threshold
 INPUT_BOUND_FRACTION = 0.25
 #: windows shorter than this are not judged (the first batches of an epoch come from a full queue)
-MIN_JUDGED_STEPS = 10
+MIN_JUDGED_BATCHES = 10
 
 
 class InputWait(LoggerStepWindows):
     """Logs ``train/input_wait_fraction`` on the steps the logger writes: the share of this process's
     wall time since the last write that the training loop spent waiting for the next batch from the
     DataLoader (with workers, the wait for them; without, the loading itself). Warns once when a
-    window of at least ``MIN_JUDGED_STEPS`` steps waited ``INPUT_BOUND_FRACTION`` or more, with what
+    window of at least ``MIN_JUDGED_BATCHES`` batches waited ``INPUT_BOUND_FRACTION`` or more, with what
     to change. Needs a ssl_lightning DataModule (its loader times the waits); with other data it
     logs nothing. The CLI adds this callback to every run.
     """
@@ -95,10 +95,10 @@ class InputWait(LoggerStepWindows):
         self._warned = False
 
     def _open(self, trainer: L.Trainer) -> None:
-        self._steps, self._waited_before = 0, _train_wait_seconds(trainer)
+        self._batches, self._waited_before = 0, _train_wait_seconds(trainer)
 
     def _count(self, trainer: L.Trainer, batch) -> None:
-        self._steps += 1
+        self._batches += 1
 
     def _close(self, trainer: L.Trainer, pl_module: L.LightningModule, seconds: float) -> bool:
         waited_now = _train_wait_seconds(trainer)
@@ -106,11 +106,11 @@ class InputWait(LoggerStepWindows):
             return False  # not our loader, or a new one since the window opened: nothing comparable
         fraction = (waited_now - self._waited_before) / seconds
         pl_module.log("train/input_wait_fraction", fraction, batch_size=1)
-        if fraction >= INPUT_BOUND_FRACTION and self._steps >= MIN_JUDGED_STEPS and not self._warned:
+        if fraction >= INPUT_BOUND_FRACTION and self._batches >= MIN_JUDGED_BATCHES and not self._warned:
             self._warned = True
             rank_zero_warn(
                 f"The training loop waited for the next batch {fraction:.0%} of the time over the last "
-                f"{self._steps} steps (train/input_wait_fraction): the input pipeline, not the model, sets "
+                f"{self._batches} batches (train/input_wait_fraction): the input pipeline, not the model, sets "
                 f"the pace. {_input_advice(trainer.datamodule)}"
             )
         return True
