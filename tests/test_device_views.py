@@ -218,11 +218,11 @@ def test_a_method_given_image_batches_says_the_view_hook_did_not_run():
         trainer.fit(model, train_dataloaders=data.train_dataloader())
 
 
-def test_blending_the_chosen_samples_gives_the_pixels_of_indexing_them(monkeypatch):
+def test_blending_the_chosen_samples_gives_the_pixels_of_indexing_them():
     # Accelerators blend with torch.where (no host sync); the CPU indexes. Same parameters, same pixels.
     images = torch.randint(0, 256, (64, 3, 24, 24), dtype=torch.uint8).float() / 255
     spec = resolve_views("byol", 16, 3)[1]  # jitter p 0.8, blur p 0.1, solarize p 0.2: partial choices
-    indexed = dv.augment(images, spec, torch.Generator().manual_seed(0))
-    monkeypatch.setattr(dv, "blends_selections", lambda device: True)
-    blended = dv.augment(images, spec, torch.Generator().manual_seed(0))
+    params = dv.sample_view_params(64, 24, 24, spec, images.device, torch.Generator().manual_seed(0))
+    indexed = dv.render_view(images, params, spec, blend=False)
+    blended = dv.render_view(images, params, spec, blend=True)
     torch.testing.assert_close(blended, indexed, atol=1e-6, rtol=0)

@@ -115,12 +115,10 @@ class ViewDataModule(L.LightningDataModule, ABC):
             check_preset_name(views)
         if view_device not in ("auto", "cpu", "device"):
             raise ValueError(f"view_device must be 'auto', 'cpu' or 'device', got {view_device!r}")
-        if in_memory and view_device == "cpu":
-            raise ValueError("in_memory=True keeps the images on the device and draws the views there: "
-                             "set view_device to 'device' or 'auto', or in_memory=False")
-        if compile_views and view_device == "cpu":
-            raise ValueError("compile_views=True compiles the device-side views, but view_device='cpu' draws them per "
-                             "image in the DataLoader workers: set view_device to 'device' or 'auto', or compile_views=False")
+        for option, wanted in (("in_memory", in_memory), ("compile_views", compile_views)):
+            if wanted and view_device == "cpu":
+                raise ValueError(f"{option}=True needs device-side views, but view_device='cpu' draws them per image "
+                                 f"in the DataLoader workers: set view_device to 'device' or 'auto', or {option}=False")
         self._batch_size = batch_size
         self.num_workers = num_workers
         self.views = views

@@ -251,13 +251,6 @@ def render_view(images: torch.Tensor, params: dict[str, torch.Tensor], spec: Vie
     return out
 
 
-def augment(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One view per image of `images` (float in [0, 1]) drawn with `spec`; un-normalised."""
-    n, _, height, width = images.shape
-    params = sample_view_params(n, height, width, spec, images.device, generator)
-    return render_view(images, params, spec, blend=blends_selections(images.device))
-
-
 def draw_views(
     images: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec, mean: torch.Tensor, std: torch.Tensor,
     blend: bool,
