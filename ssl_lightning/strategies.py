@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from timm.models import (
@@ -54,6 +55,8 @@ HEADS: tuple[type[nn.Module], ...] = tuple(
     if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == heads.__name__
 )
 
+FSDP_WRAPPED_PREFIX = "_fsdp_wrapped_module."
+
 #: optimizers whose step depends on whole-tensor norms, which a rank holding a flat slice of each
 #: tensor cannot compute (LARS and LAMB trust ratios, AdamP's per-channel projection)
 TENSOR_WISE_OPTIMIZERS = ("lars", "lamb", "adamp")
@@ -94,6 +97,30 @@ def unsharded_parameters(trainer: L.Trainer) -> Iterator[None]:
         return
     with FullyShardedDataParallel.summon_full_params(model, writeback=False):
         yield
+
+
+def unsharded_copy(trainer: L.Trainer, module: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """``module`` as a plain module with its full weights, to run outside the training loop.
+
+    Under FSDP a wrapped unit gathers its shards from every rank in its forward, so a unit run on
+    rank zero alone (an end-of-fit report) waits forever for the others. Here every rank takes
+    part in gathering the full parameters once, and gets an unwrapped copy (made by ``build``,
+    the same architecture) holding them. Without FSDP it returns ``module`` itself. Call it on
+    every rank.
+    """
+    if not isinstance(getattr(trainer.strategy, "model", None), FullyShardedDataParallel):
+        return module
+    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: leave the RNG as it was
+        copy = build().to(trainer.strategy.root_device)
+    with unsharded_parameters(trainer), torch.no_grad():
+        # FSDP inserts "_fsdp_wrapped_module." into the names of what it wraps
+        gathered = {
+            name.replace(FSDP_WRAPPED_PREFIX, ""): tensor
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+        }
+        for name, tensor in [*copy.named_parameters(), *copy.named_buffers()]:
+            tensor.copy_(gathered[name])
+    return copy
 
 
 def check_optimizer_under_sharding(optimizer: str, trainer: L.Trainer) -> None:

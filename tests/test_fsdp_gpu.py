@@ -2,9 +2,8 @@
 bf16-mixed, its checkpoint is a full state dict that loads without FSDP (``weights_only=True``),
 and BYOL's EMA teacher, sharded like the student, follows it exactly, across a resume too.
 
-One process cannot show that the shards of several ranks stay consistent (FSDP runs NO_SHARD
-for a single process); tests/test_strategies.py checks on the CPU that the teacher's FSDP units
-mirror the student's, which is what makes the sharded EMA exact (docs/scale.md).
+One process runs FSDP as NO_SHARD; sharding over several ranks (the teacher's shards included)
+is tested on two CPU processes in tests/test_fsdp_two_ranks.py, in float32.
 """
 
 import json
@@ -18,6 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from fakes import TINY_VIT, fake_loader, tiny_method
+from ssl_lightning.callbacks import KNNReport
 from ssl_lightning.cli import main
 from ssl_lightning.export import load_backbone
 from ssl_lightning.methods import METHODS
@@ -128,13 +128,11 @@ def test_fsdp_config_trains_a_vit_from_the_command_line(tmp_path):
         "--model.init_args.backbone", "vit_tiny_patch16_224",
         "--model.init_args.backbone_kwargs", json.dumps({"img_size": 32, "patch_size": 8, "depth": 2}),
         "--model.init_args.cifar_stem", "false", "--model.init_args.channels_last", "false",
-        # KNNReport (the quickstart's other callback) runs the backbone after fit, outside FSDP's root.
-        "--trainer.callbacks",
-        json.dumps([{"class_path": "ssl_lightning.callbacks.KNNCallback", "init_args": {"k": 20}}]),
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
         "--trainer.enable_progress_bar", "false", "--run_name", "fsdp", "--root", str(tmp_path),
     ])
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert "val/knn_top1" in cli.trainer.callback_metrics
+    assert "trained backbone" in next(cb for cb in cli.trainer.callbacks if isinstance(cb, KNNReport)).results
     backbone = load_backbone(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")
     assert backbone.blocks[0].attn.qkv.weight.shape == (3 * 192, 192)

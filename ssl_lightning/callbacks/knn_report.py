@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ssl_lightning.callbacks.knn import knn_accuracy
+from ssl_lightning.strategies import unsharded_copy
 
 
 class KNNReport(L.Callback):
@@ -16,7 +17,8 @@ class KNNReport(L.Callback):
 
     Protocol: weighted kNN (k, temperature, cosine) on backbone ``feats`` in eval mode, bank =
     the un-augmented training split, queries = the validation split. Runs on rank zero only, with
-    the DataModule's own (non-distributed) loaders. The numbers are kept in ``self.results``.
+    the DataModule's own (non-distributed) loaders; under FSDP every rank first helps gather the
+    sharded backbone. The numbers are kept in ``self.results``.
     """
 
     def __init__(self, k: int = 20, temperature: float = 0.1, init_seed: int = 0):
@@ -31,14 +33,17 @@ class KNNReport(L.Callback):
             raise ValueError("KNNReport needs an ssl_lightning DataModule (one with request_knn_bank()).")
         request()
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every rank helps gather a sharded (FSDP) backbone; rank zero alone encodes and reports.
+        trained_backbone = unsharded_copy(trainer, pl_module.backbone, pl_module.build_fresh_backbone)
+        if not trainer.is_global_zero:
+            return
         query_loader, bank_loader = trainer.datamodule.val_dataloader()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
             random_backbone = pl_module.build_fresh_backbone().to(pl_module.device)
         encoders = {
-            "trained backbone": pl_module.backbone,
+            "trained backbone": trained_backbone,
             f"random init (seed {self.init_seed})": random_backbone,
             "raw pixels": torch.nn.Flatten(),
         }

@@ -1,0 +1,184 @@
+"""FSDP sharding over two CPU processes (gloo), with configs/strategy/fsdp.yaml's wrap policy:
+every method with a ViT trains to the weights DDP gives (to float32 rounding), and BYOL's EMA teacher, sharded
+like the student, follows it exactly and survives a resume that re-shards a full checkpoint.
+
+Lightning's ``FSDPStrategy`` demands CUDA. ``GlooFSDPStrategy`` below changes only that: it gets
+past Lightning's accelerator check and tells FSDP its compute device is the CPU (FSDP otherwise
+looks for an accelerator). Wrapping, sharding, the training step, optimizer, full-state-dict
+checkpoints and resuming are Lightning's and FSDP's own code. The processes are started by
+tests/gloo.py (``torch.multiprocessing.spawn``); with ``LOCAL_RANK`` set, Lightning adopts them
+instead of launching its own. bf16 mixed precision is left to tests/test_fsdp_gpu.py.
+"""
+
+import os
+from pathlib import Path
+from unittest import mock
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from fakes import TINY_VIT, fake_loader, tiny_method
+from gloo import WORLD_SIZE, run_on_two_ranks
+from ssl_lightning.callbacks import KNNCallback, KNNReport
+from ssl_lightning.datamodules import Digits
+from ssl_lightning.methods import METHODS
+from ssl_lightning.optim import cosine_momentum
+from ssl_lightning.strategies import unsharded_copy, wrap_blocks_backbone_and_heads
+
+pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
+
+STEPS = 3
+MOMENTUM = {"base_momentum": 0.5, "final_momentum": 1.0}  # a teacher that visibly moves each step
+DIGITS_VIT = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
+MIRRORED = {"teacher.module.0.": "backbone.", "teacher.module.1.": "projector."}  # BYOL's teacher -> student
+
+
+class FullyShardedDataParallelOnCPU(FullyShardedDataParallel):
+    def __init__(self, *args, device_id=None, **kwargs):
+        super().__init__(*args, device_id=torch.device("cpu"), **kwargs)
+
+
+class GlooFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy on the CPU. Lightning refuses a CPU accelerator for
+    ``type(strategy) is FSDPStrategy`` only, so a subclass passes; and Lightning hands FSDP
+    ``device_id=None`` for the CPU, which FSDP reads as "the accelerator", so the wrapping is
+    told the CPU (auto-wrapped units inherit the root's ``device_id``)."""
+
+    def _setup_model(self, model):
+        with mock.patch("torch.distributed.fsdp.FullyShardedDataParallel", FullyShardedDataParallelOnCPU):
+            return super()._setup_model(model)
+
+
+def vit_method(name: str):
+    return tiny_method(name, backbone=TINY_VIT, **(MOMENTUM if name == "BYOL" else {}), in_chans=1, num_classes=4,
+                       batch_size=8, optimizer="sgd", lr=4.0, warmup_steps=0,
+                       weight_decay=0.1)  # large enough that a wrong no-decay group would show
+
+
+def two_rank_trainer(strategy: str, **kwargs) -> L.Trainer:
+    """A Trainer on this process and the other one of the gloo group, under FSDP or DDP."""
+    os.environ["LOCAL_RANK"] = str(torch.distributed.get_rank())  # Lightning adopts these processes
+    return L.Trainer(
+        accelerator="cpu", devices=WORLD_SIZE, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        # DDP broadcasts rank 0's BatchNorm running statistics each step unless told not to; FSDP never does.
+        strategy=(GlooFSDPStrategy(auto_wrap_policy=wrap_blocks_backbone_and_heads, state_dict_type="full")
+                  if strategy == "fsdp" else DDPStrategy(broadcast_buffers=False)),
+        **kwargs,
+    )
+
+
+def fit(name: str, strategy: str, directory: str, max_steps: int, resume_from: str | None) -> int:
+    """One rank's part of a two-process fit (8 images per rank and step) with a full checkpoint
+    after every step (``step=<n>.ckpt``). Returns how many parameter elements this rank holds."""
+    torch.manual_seed(0)  # every rank builds the same model: FSDP does not broadcast it
+    trainer = two_rank_trainer(
+        strategy, max_steps=max_steps, limit_val_batches=0,
+        callbacks=[ModelCheckpoint(dirpath=directory, filename="{step}", every_n_train_steps=1, save_top_k=-1)],
+    )
+    trainer.fit(vit_method(name), fake_loader(length=64), ckpt_path=resume_from, weights_only=True)
+    # With use_orig_params each parameter is a view of this rank's shard (empty where it holds none).
+    return sum(p.numel() for p in trainer.strategy.model.parameters())
+
+
+def fit_digits_with_knn(strategy: str) -> dict:
+    """A short BYOL fit on Digits with the kNN monitor and the end-of-fit kNN report (the quickstart's callbacks)."""
+    torch.manual_seed(0)
+    report = KNNReport(k=20)
+    trainer = two_rank_trainer(strategy, max_epochs=1, limit_train_batches=2, limit_val_batches=2,
+                               callbacks=[KNNCallback(k=20), report], enable_checkpointing=False)
+    model = tiny_method("BYOL", backbone=DIGITS_VIT, optimizer="sgd", lr=4.0, warmup_steps=0)
+    trainer.fit(model, Digits(batch_size=32, num_workers=0, seed=0))
+    backbone = unsharded_copy(trainer, model.backbone, model.build_fresh_backbone)  # on every rank
+    return {"knn_top1": float(trainer.callback_metrics["val/knn_top1"]), "report": report.results,
+            "backbone": dict(backbone.state_dict())}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """``fitted(name, strategy, ...)``: the folder of that two-process fit's checkpoints and each
+    rank's parameter count; every distinct fit runs once per module."""
+    runs = {}
+
+    def run(name: str, strategy: str, max_steps: int = STEPS, resume_from: Path | None = None):
+        key = (name, strategy, max_steps, resume_from)
+        if key not in runs:
+            directory = tmp_path_factory.mktemp(f"{name}-{strategy}")
+            checkpoints, resume = directory / "checkpoints", str(resume_from) if resume_from else None
+            runs[key] = checkpoints, run_on_two_ranks(fit, directory, name, strategy, str(checkpoints), max_steps, resume)
+        return runs[key]
+
+    return run
+
+
+def saved_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_sharded_fit_ends_with_the_weights_ddp_gives(name, fitted):
+    sharded, held = fitted(name, "fsdp")
+    replicated, _ = fitted(name, "ddp")
+    unwrapped = vit_method(name)
+    unwrapped.configure_model()  # builds the backbone and heads
+    full = sum(p.numel() for p in unwrapped.parameters())
+    assert sum(held) == full and max(held) < 0.51 * full  # each rank held half of every unit
+
+    first, last = saved_state(sharded / "step=1.ckpt"), saved_state(sharded / f"step={STEPS}.ckpt")
+    expected = saved_state(replicated / f"step={STEPS}.ckpt")
+    assert last.keys() == expected.keys()  # the full checkpoint has the usual names...
+    for key, value in expected.items():
+        torch.testing.assert_close(last[key], value, msg=key)  # ...shapes and values
+    qkv = "backbone.blocks.0.attn.qkv.weight"
+    assert not torch.equal(first[qkv], last[qkv])  # it trained
+
+
+def assert_teacher_is_ema(before: dict, after: dict, momentum: float) -> None:
+    """``after``'s teacher = m * ``before``'s teacher + (1 - m) * ``after``'s student, tensor by tensor."""
+    teacher_keys = [key for key in after if key.startswith(tuple(MIRRORED))]
+    assert len(teacher_keys) > 30
+    for key in teacher_keys:
+        prefix = next(p for p in MIRRORED if key.startswith(p))
+        student = after[MIRRORED[prefix] + key[len(prefix):]]
+        if after[key].is_floating_point():
+            torch.testing.assert_close(after[key], momentum * before[key] + (1 - momentum) * student, msg=key)
+        else:  # BatchNorm's num_batches_tracked is copied
+            assert torch.equal(after[key], student), key
+
+
+def test_sharded_ema_teacher_follows_the_student_exactly(fitted):
+    sharded, _ = fitted("BYOL", "fsdp")
+    before, after = saved_state(sharded / f"step={STEPS - 1}.ckpt"), saved_state(sharded / f"step={STEPS}.ckpt")
+    # max_steps (shorter than the epoch of 4 steps) is the schedule's length
+    assert_teacher_is_ema(before, after, cosine_momentum(STEPS - 1, STEPS, **MOMENTUM))
+    assert not torch.equal(after["teacher.module.0.blocks.0.attn.qkv.weight"], after["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_resuming_on_two_ranks_reshards_the_teacher(fitted):
+    sharded, _ = fitted("BYOL", "fsdp")
+    resumed, _ = fitted("BYOL", "fsdp", max_steps=2, resume_from=sharded / "step=1.ckpt")
+    # The resumed step moved the teacher loaded (and re-sharded) from step=1.ckpt.
+    assert_teacher_is_ema(saved_state(sharded / "step=1.ckpt"), saved_state(resumed / "step=2.ckpt"),
+                          cosine_momentum(1, 2, **MOMENTUM))
+
+
+def test_knn_monitor_and_end_of_fit_report_under_fsdp_match_ddp(tmp_path):
+    # The report runs the backbone on rank zero alone, after fit: under FSDP every rank first
+    # gathers it (a sharded unit run on one rank would wait for the others forever).
+    (tmp_path / "fsdp").mkdir(), (tmp_path / "ddp").mkdir()
+    sharded_ranks = run_on_two_ranks(fit_digits_with_knn, tmp_path / "fsdp", "fsdp")
+    sharded = sharded_ranks[0]
+    replicated, _ = run_on_two_ranks(fit_digits_with_knn, tmp_path / "ddp", "ddp")
+    assert sharded["report"].keys() == replicated["report"].keys() and len(sharded["report"]) == 3
+    one_query = 100 / 360  # Digits' validation split; float rounding may move one neighbour
+    for key, top1 in replicated["report"].items():
+        assert abs(sharded["report"][key] - top1) <= one_query, key
+    assert abs(sharded["knn_top1"] - replicated["knn_top1"]) <= 1 / 64  # a fraction; two validation batches of 32
+    # The gathered copy on every rank holds the trained weights (DDP's own module here).
+    for rank in sharded_ranks:
+        assert rank["backbone"].keys() == replicated["backbone"].keys()
+        for key, value in replicated["backbone"].items():
+            torch.testing.assert_close(rank["backbone"][key], value, msg=key)
