@@ -1,4 +1,4 @@
-"""FSDP sharding over two CPU processes (gloo), with configs/strategy/fsdp.yaml's wrap policy:
+"""FSDP sharding over two CPU processes (gloo), with configs/strategy/fsdp.yaml's strategy:
 every method with a ViT trains to the weights DDP gives (to float32 rounding), and BYOL's EMA teacher, sharded
 like the student, follows it exactly and survives a resume that re-shards a full checkpoint.
 
@@ -7,9 +7,10 @@ past Lightning's accelerator check and tells FSDP its compute device is the CPU 
 looks for an accelerator). Wrapping, sharding, the training step, optimizer, full-state-dict
 checkpoints and resuming are Lightning's and FSDP's own code. The processes are started by
 tests/gloo.py (``torch.multiprocessing.spawn``); with ``LOCAL_RANK`` set, Lightning adopts them
-instead of launching its own. bf16 mixed precision is left to tests/test_fsdp_gpu.py.
+instead of launching its own.
 """
 
+import importlib
 import os
 from pathlib import Path
 from unittest import mock
@@ -17,6 +18,7 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
@@ -27,9 +29,11 @@ from ssl_lightning.callbacks import KNNCallback, KNNReport
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.methods import METHODS
 from ssl_lightning.optim import cosine_momentum
-from ssl_lightning.strategies import unsharded_copy, wrap_blocks_backbone_and_heads
+from ssl_lightning.strategies import unsharded_copy
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
+
+FSDP_CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/strategy/fsdp.yaml").read_text())["trainer"]
 
 STEPS = 3
 MOMENTUM = {"base_momentum": 0.5, "final_momentum": 1.0}  # a teacher that visibly moves each step
@@ -59,24 +63,33 @@ def vit_method(name: str):
                        weight_decay=0.1)  # large enough that a wrong no-decay group would show
 
 
+def fsdp_as_configured() -> GlooFSDPStrategy:
+    """The strategy of configs/strategy/fsdp.yaml (its wrap policy, sharding and checkpoint type)."""
+    strategy = FSDP_CONFIG["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    init_args = dict(strategy["init_args"])
+    module, name = init_args["auto_wrap_policy"].rsplit(".", 1)
+    init_args["auto_wrap_policy"] = getattr(importlib.import_module(module), name)
+    return GlooFSDPStrategy(**init_args)
+
+
 def two_rank_trainer(strategy: str, **kwargs) -> L.Trainer:
     """A Trainer on this process and the other one of the gloo group, under FSDP or DDP."""
     os.environ["LOCAL_RANK"] = str(torch.distributed.get_rank())  # Lightning adopts these processes
     return L.Trainer(
         accelerator="cpu", devices=WORLD_SIZE, logger=False, enable_progress_bar=False, enable_model_summary=False,
         # DDP broadcasts rank 0's BatchNorm running statistics each step unless told not to; FSDP never does.
-        strategy=(GlooFSDPStrategy(auto_wrap_policy=wrap_blocks_backbone_and_heads, state_dict_type="full")
-                  if strategy == "fsdp" else DDPStrategy(broadcast_buffers=False)),
+        strategy=fsdp_as_configured() if strategy == "fsdp" else DDPStrategy(broadcast_buffers=False),
         **kwargs,
     )
 
 
-def fit(name: str, strategy: str, directory: str, max_steps: int, resume_from: str | None) -> int:
+def fit(name: str, strategy: str, directory: str, max_steps: int, resume_from: str | None, precision: str) -> int:
     """One rank's part of a two-process fit (8 images per rank and step) with a full checkpoint
     after every step (``step=<n>.ckpt``). Returns how many parameter elements this rank holds."""
     torch.manual_seed(0)  # every rank builds the same model: FSDP does not broadcast it
     trainer = two_rank_trainer(
-        strategy, max_steps=max_steps, limit_val_batches=0,
+        strategy, max_steps=max_steps, limit_val_batches=0, precision=precision,
         callbacks=[ModelCheckpoint(dirpath=directory, filename="{step}", every_n_train_steps=1, save_top_k=-1)],
     )
     trainer.fit(vit_method(name), fake_loader(length=64), ckpt_path=resume_from, weights_only=True)
@@ -103,12 +116,15 @@ def fitted(tmp_path_factory):
     rank's parameter count; every distinct fit runs once per module."""
     runs = {}
 
-    def run(name: str, strategy: str, max_steps: int = STEPS, resume_from: Path | None = None):
-        key = (name, strategy, max_steps, resume_from)
+    def run(name: str, strategy: str, max_steps: int = STEPS, resume_from: Path | None = None,
+            precision: str = "32-true"):
+        key = (name, strategy, max_steps, resume_from, precision)
         if key not in runs:
             directory = tmp_path_factory.mktemp(f"{name}-{strategy}")
             checkpoints, resume = directory / "checkpoints", str(resume_from) if resume_from else None
-            runs[key] = checkpoints, run_on_two_ranks(fit, directory, name, strategy, str(checkpoints), max_steps, resume)
+            runs[key] = checkpoints, run_on_two_ranks(
+                fit, directory, name, strategy, str(checkpoints), max_steps, resume, precision,
+            )
         return runs[key]
 
     return run
@@ -149,8 +165,10 @@ def assert_teacher_is_ema(before: dict, after: dict, momentum: float) -> None:
             assert torch.equal(after[key], student), key
 
 
-def test_sharded_ema_teacher_follows_the_student_exactly(fitted):
-    sharded, _ = fitted("BYOL", "fsdp")
+@pytest.mark.parametrize("precision", ["32-true", FSDP_CONFIG["precision"]])
+def test_sharded_ema_teacher_follows_the_student_exactly(precision, fitted):
+    # Under bf16-mixed FSDP computes with bf16 copies; the sharded weights and the teacher stay float32.
+    sharded, _ = fitted("BYOL", "fsdp", precision=precision)
     before, after = saved_state(sharded / f"step={STEPS - 1}.ckpt"), saved_state(sharded / f"step={STEPS}.ckpt")
     # max_steps (shorter than the epoch of 4 steps) is the schedule's length
     assert_teacher_is_ema(before, after, cosine_momentum(STEPS - 1, STEPS, **MOMENTUM))
