@@ -57,10 +57,10 @@ class GlooFSDPStrategy(FSDPStrategy):
             return super()._setup_model(model)
 
 
-def vit_method(name: str):
+def vit_method(name: str, **kwargs):
     return tiny_method(name, backbone=TINY_VIT, **(MOMENTUM if name == "BYOL" else {}), in_chans=1, num_classes=4,
                        batch_size=8, optimizer="sgd", lr=4.0, warmup_steps=0,
-                       weight_decay=0.1)  # large enough that a wrong no-decay group would show
+                       weight_decay=0.1, **kwargs)  # large enough that a wrong no-decay group would show
 
 
 def fsdp_as_configured() -> GlooFSDPStrategy:
@@ -84,17 +84,23 @@ def two_rank_trainer(strategy: str, **kwargs) -> L.Trainer:
     )
 
 
-def fit(name: str, strategy: str, directory: str, max_steps: int, resume_from: str | None, precision: str) -> int:
+def fit(name: str, strategy: str, directory: str, options: dict) -> dict:
     """One rank's part of a two-process fit (8 images per rank and step) with a full checkpoint
-    after every step (``step=<n>.ckpt``). Returns how many parameter elements this rank holds."""
+    after every step (``step=<n>.ckpt``); ``options``: ``max_steps``, ``resume_from``,
+    ``precision``, ``grad_checkpointing`` and ``compile``. Returns how many parameter elements this rank holds
+    and whether the backbone recomputes its blocks."""
     torch.manual_seed(0)  # every rank builds the same model: FSDP does not broadcast it
     trainer = two_rank_trainer(
-        strategy, max_steps=max_steps, limit_val_batches=0, precision=precision,
+        strategy, max_steps=options["max_steps"], limit_val_batches=0, precision=options["precision"],
         callbacks=[ModelCheckpoint(dirpath=directory, filename="{step}", every_n_train_steps=1, save_top_k=-1)],
     )
-    trainer.fit(vit_method(name), fake_loader(length=64), ckpt_path=resume_from, weights_only=True)
-    # With use_orig_params each parameter is a view of this rank's shard (empty where it holds none).
-    return sum(p.numel() for p in trainer.strategy.model.parameters())
+    model = vit_method(name, grad_checkpointing=options["grad_checkpointing"], compile=options["compile"])
+    trainer.fit(model, fake_loader(length=64), ckpt_path=options["resume_from"], weights_only=True)
+    return {
+        # With use_orig_params each parameter is a view of this rank's shard (empty where it holds none).
+        "held": sum(p.numel() for p in trainer.strategy.model.parameters()),
+        "recomputes": model.backbone.grad_checkpointing,  # timm's flag, read through FSDP's wrapper
+    }
 
 
 def fit_digits_with_knn(strategy: str) -> dict:
@@ -112,19 +118,19 @@ def fit_digits_with_knn(strategy: str) -> dict:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """``fitted(name, strategy, ...)``: the folder of that two-process fit's checkpoints and each
-    rank's parameter count; every distinct fit runs once per module."""
+    """``fitted(name, strategy, ...)``: the folder of that two-process fit's checkpoints and what
+    each rank returned; every distinct fit runs once per module."""
     runs = {}
 
     def run(name: str, strategy: str, max_steps: int = STEPS, resume_from: Path | None = None,
-            precision: str = "32-true"):
-        key = (name, strategy, max_steps, resume_from, precision)
+            precision: str = "32-true", grad_checkpointing: bool = False, compile: bool = False):
+        options = {"max_steps": max_steps, "resume_from": str(resume_from) if resume_from else None,
+                   "precision": precision, "grad_checkpointing": grad_checkpointing, "compile": compile}
+        key = (name, strategy, *options.values())
         if key not in runs:
             directory = tmp_path_factory.mktemp(f"{name}-{strategy}")
-            checkpoints, resume = directory / "checkpoints", str(resume_from) if resume_from else None
-            runs[key] = checkpoints, run_on_two_ranks(
-                fit, directory, name, strategy, str(checkpoints), max_steps, resume, precision,
-            )
+            checkpoints = directory / "checkpoints"
+            runs[key] = checkpoints, run_on_two_ranks(fit, directory, name, strategy, str(checkpoints), options)
         return runs[key]
 
     return run
@@ -136,7 +142,8 @@ def saved_state(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_sharded_fit_ends_with_the_weights_ddp_gives(name, fitted):
-    sharded, held = fitted(name, "fsdp")
+    sharded, ranks = fitted(name, "fsdp")
+    held = [rank["held"] for rank in ranks]
     replicated, _ = fitted(name, "ddp")
     unwrapped = vit_method(name)
     unwrapped.configure_model()  # builds the backbone and heads
@@ -150,6 +157,29 @@ def test_sharded_fit_ends_with_the_weights_ddp_gives(name, fitted):
         torch.testing.assert_close(last[key], value, msg=key)  # ...shapes and values
     qkv = "backbone.blocks.0.attn.qkv.weight"
     assert not torch.equal(first[qkv], last[qkv])  # it trained
+
+
+def test_gradient_checkpointing_under_fsdp_changes_no_weight(fitted):
+    # The blocks are FSDP units; recomputing one in the backward pass gathers its shards again.
+    checkpointed, ranks = fitted("BYOL", "fsdp", grad_checkpointing=True)
+    assert all(rank["recomputes"] for rank in ranks)
+    replicated, _ = fitted("BYOL", "ddp")
+    last, expected = saved_state(checkpointed / f"step={STEPS}.ckpt"), saved_state(replicated / f"step={STEPS}.ckpt")
+    for key, value in expected.items():
+        torch.testing.assert_close(last[key], value, msg=key)
+
+
+@pytest.mark.slow
+def test_compiled_modules_under_fsdp_end_with_the_eager_ddp_weights(fitted, monkeypatch):
+    # The backbone and heads are compiled in place before FSDP wraps them (about 20 s of compiling).
+    # The processes compile in-process, as in tests/test_compile.py's DDP test.
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    compiled, _ = fitted("BYOL", "fsdp", compile=True)
+    replicated, _ = fitted("BYOL", "ddp")
+    last, expected = saved_state(compiled / f"step={STEPS}.ckpt"), saved_state(replicated / f"step={STEPS}.ckpt")
+    assert last.keys() == expected.keys()  # compiled in place: the eager parameter names
+    for key, value in expected.items():
+        torch.testing.assert_close(last[key], value, rtol=1e-4, atol=1e-4, msg=key)
 
 
 def assert_teacher_is_ema(before: dict, after: dict, momentum: float) -> None:
