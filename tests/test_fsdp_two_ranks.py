@@ -1,6 +1,10 @@
-"""FSDP sharding over two CPU processes (gloo), with configs/strategy/fsdp.yaml's strategy:
-every method with a ViT trains to the weights DDP gives (to float32 rounding), and BYOL's EMA teacher, sharded
-like the student, follows it exactly and survives a resume that re-shards a full checkpoint.
+"""FSDP sharding over two CPU processes (gloo), with configs/strategy/fsdp.yaml's strategy.
+
+- Every method with a ViT ends with the weights DDP gives (to float32 rounding), with gradient
+  checkpointing and with compiled modules too.
+- BYOL's EMA teacher, sharded like the student, follows it exactly (float32 and bf16-mixed) and
+  survives a resume that re-shards a full checkpoint.
+- The kNN monitor and the end-of-fit kNN report give DDP's numbers.
 
 Lightning's ``FSDPStrategy`` demands CUDA. ``GlooFSDPStrategy`` below changes only that: it gets
 past Lightning's accelerator check and tells FSDP its compute device is the CPU (FSDP otherwise
@@ -58,9 +62,9 @@ class GlooFSDPStrategy(FSDPStrategy):
 
 
 def vit_method(name: str, **kwargs):
+    # weight decay large enough that a parameter put in the wrong (decay / no-decay) group would show
     return tiny_method(name, backbone=TINY_VIT, **(MOMENTUM if name == "BYOL" else {}), in_chans=1, num_classes=4,
-                       batch_size=8, optimizer="sgd", lr=4.0, warmup_steps=0,
-                       weight_decay=0.1, **kwargs)  # large enough that a wrong no-decay group would show
+                       batch_size=8, optimizer="sgd", lr=4.0, warmup_steps=0, weight_decay=0.1, **kwargs)
 
 
 def fsdp_as_configured() -> GlooFSDPStrategy:
@@ -87,8 +91,8 @@ def two_rank_trainer(strategy: str, **kwargs) -> L.Trainer:
 def fit(name: str, strategy: str, directory: str, options: dict) -> dict:
     """One rank's part of a two-process fit (8 images per rank and step) with a full checkpoint
     after every step (``step=<n>.ckpt``); ``options``: ``max_steps``, ``resume_from``,
-    ``precision``, ``grad_checkpointing`` and ``compile``. Returns how many parameter elements this rank holds
-    and whether the backbone recomputes its blocks."""
+    ``precision``, ``grad_checkpointing`` and ``compile``. Returns how many parameter elements
+    this rank holds and whether the backbone recomputes its blocks."""
     torch.manual_seed(0)  # every rank builds the same model: FSDP does not broadcast it
     trainer = two_rank_trainer(
         strategy, max_steps=options["max_steps"], limit_val_batches=0, precision=options["precision"],

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from fakes import TINY_BACKBONE, fake_loader, tiny_fit_args
 from ssl_lightning.callbacks import SaveOnInterrupt
@@ -107,37 +108,34 @@ def test_sigterm_from_outside_then_rerun_resumes(tmp_path):
 def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(tmp_path):
     """docs/reliability.md's SLURM path, with a one-task job's environment and a stand-in for
     ``scontrol``: SIGUSR1 (``--signal=SIGUSR1@90``) saves hpc_ckpt_1.ckpt and asks for a requeue;
-    the SIGTERM that follows saves interrupted.ckpt; the same command (the requeued job) resumes."""
+    the SIGTERM that follows saves interrupted.ckpt; the same command (the requeued job) resumes.
+    The process signals itself after steps 4 and 5 (tests/kill_switch.py), as SLURM would from outside."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol_calls"}\n')
     scontrol.chmod(0o755)
+    signals = tmp_path / "signals.yaml"
+    signals.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "kill_switch.SignalsAtSteps", "init_args": {"signals": {4: "SIGUSR1", 5: "SIGTERM"}}}]}}))
     slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "simclr-r18",
              "SLURM_NODELIST": "node0", "MASTER_ADDR": "127.0.0.1"}
-    env = {**os.environ, **slurm, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**os.environ, **slurm, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     command = [sys.executable, "-m", "ssl_lightning", *tiny_fit_args("requeued", 1)]
-    command[command.index("--trainer.limit_train_batches") + 1] = "40"
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    run = tmp_path / "runs" / "requeued"
-    while not (run / "checkpoints" / "step=4.ckpt").exists():
-        assert first.poll() is None, first.stderr.read()
-        time.sleep(0.2)
-    first.send_signal(signal.SIGUSR1)
-    while not (tmp_path / "scontrol_calls").exists():  # written after the checkpoint is saved
-        assert first.poll() is None, first.stderr.read()
-        time.sleep(0.2)
-    first.send_signal(signal.SIGTERM)  # what SLURM sends when it requeues the job
-    _, err = first.communicate(timeout=60)
+    command[command.index("--trainer.limit_train_batches") + 1] = "10"
+    first = subprocess.run([*command, "--config", str(signals)], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=90)
+    assert first.returncode == 0, first.stderr[-3000:]  # Lightning's SIGTERMException: SystemExit, no code
     assert (tmp_path / "scontrol_calls").read_text().split() == ["requeue", "4242"]
-    saved = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"]
-    interrupted = torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)["global_step"]
-    assert 4 <= saved <= interrupted < 40, err
+    run = tmp_path / "runs" / "requeued"
+    assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 4
+    assert torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)["global_step"] == 5
 
-    command[command.index("--trainer.limit_train_batches") + 1] = str(interrupted + 2)
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
-    assert second.returncode == 0, second.stderr
-    # the newest of the two (interrupted.ckpt, or last.ckpt when a step checkpoint fell on that step)
-    assert re.search(rf"Run 'requeued': resuming from runs/requeued/checkpoints/(interrupted|last)\.ckpt "
-                     rf"\(step {interrupted}, epoch 0\)", second.stdout + second.stderr), second.stderr
+    assert second.returncode == 0, second.stderr[-3000:]
+    # the newest of the two: interrupted.ckpt, or last.ckpt when the step checkpoint is saved after it
+    log = second.stdout + second.stderr
+    assert re.search(r"Run 'requeued': resuming from runs/requeued/checkpoints/(interrupted|last)\.ckpt "
+                     r"\(step 5, epoch 0\)", log), log[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
