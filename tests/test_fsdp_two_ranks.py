@@ -4,7 +4,7 @@
   checkpointing and with compiled modules too.
 - BYOL's EMA teacher, sharded like the student, follows it exactly (float32 and bf16-mixed) and
   survives a resume that re-shards a full checkpoint.
-- The kNN monitor and the end-of-fit kNN report give DDP's numbers.
+- The kNN monitor, the end-of-fit kNN report and ``predict``'s embeddings give DDP's numbers.
 
 Lightning's ``FSDPStrategy`` demands CUDA. ``GlooFSDPStrategy`` below changes only that: it gets
 past Lightning's accelerator check and tells FSDP its compute device is the CPU (FSDP otherwise
@@ -20,6 +20,7 @@ from pathlib import Path
 from unittest import mock
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -29,7 +30,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from fakes import TINY_VIT, fake_loader, tiny_method
 from gloo import WORLD_SIZE, run_on_two_ranks
-from ssl_lightning.callbacks import KNNCallback, KNNReport
+from ssl_lightning.callbacks import EmbeddingWriter, KNNCallback, KNNReport
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.methods import METHODS
 from ssl_lightning.optim import cosine_momentum
@@ -57,6 +58,8 @@ class GlooFSDPStrategy(FSDPStrategy):
     told the CPU (auto-wrapped units inherit the root's ``device_id``)."""
 
     def _setup_model(self, model):
+        if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+            return super()._setup_model(model)  # wrapped by an earlier fit: Lightning keeps the wrapping
         with mock.patch("torch.distributed.fsdp.FullyShardedDataParallel", FullyShardedDataParallelOnCPU):
             return super()._setup_model(model)
 
@@ -107,17 +110,22 @@ def fit(name: str, strategy: str, directory: str, options: dict) -> dict:
     }
 
 
-def fit_digits_with_knn(strategy: str) -> dict:
-    """A short BYOL fit on Digits with the kNN monitor and the end-of-fit kNN report (the quickstart's callbacks)."""
+def fit_and_predict_digits(strategy: str, embeddings: str) -> dict:
+    """A short BYOL fit on Digits with the kNN monitor and the end-of-fit kNN report (the
+    quickstart's callbacks), then ``predict`` writing the validation embeddings to ``embeddings``."""
     torch.manual_seed(0)
     report = KNNReport(k=20)
     trainer = two_rank_trainer(strategy, max_epochs=1, limit_train_batches=2, limit_val_batches=2,
-                               callbacks=[KNNCallback(k=20), report], enable_checkpointing=False)
+                               callbacks=[KNNCallback(k=20), report, EmbeddingWriter(embeddings)],
+                               enable_checkpointing=False)
     model = tiny_method("BYOL", backbone=DIGITS_VIT, optimizer="sgd", lr=4.0, warmup_steps=0)
-    trainer.fit(model, Digits(batch_size=32, num_workers=0, seed=0))
+    data = Digits(batch_size=32, num_workers=0, seed=0)
+    trainer.fit(model, data)
     backbone = unsharded_copy(trainer, model.backbone, model.build_fresh_backbone)  # on every rank
-    return {"knn_top1": float(trainer.callback_metrics["val/knn_top1"]), "report": report.results,
-            "backbone": dict(backbone.state_dict())}
+    results = {"knn_top1": float(trainer.callback_metrics["val/knn_top1"]), "report": report.results,
+               "backbone": dict(backbone.state_dict())}
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -217,20 +225,28 @@ def test_resuming_on_two_ranks_reshards_the_teacher(fitted):
                           cosine_momentum(1, 2, **MOMENTUM))
 
 
-def test_knn_monitor_and_end_of_fit_report_under_fsdp_match_ddp(tmp_path):
+def test_knn_monitor_report_and_predicted_embeddings_under_fsdp_match_ddp(tmp_path):
     # The report runs the backbone on rank zero alone, after fit: under FSDP every rank first
     # gathers it (a sharded unit run on one rank would wait for the others forever).
-    (tmp_path / "fsdp").mkdir(), (tmp_path / "ddp").mkdir()
-    sharded_ranks = run_on_two_ranks(fit_digits_with_knn, tmp_path / "fsdp", "fsdp")
-    sharded = sharded_ranks[0]
-    replicated, _ = run_on_two_ranks(fit_digits_with_knn, tmp_path / "ddp", "ddp")
+    results = {}
+    for strategy in ("fsdp", "ddp"):
+        (tmp_path / strategy).mkdir()
+        embeddings = str(tmp_path / strategy / "embeddings.npz")
+        results[strategy] = run_on_two_ranks(fit_and_predict_digits, tmp_path / strategy, strategy, embeddings)
+    sharded, replicated = results["fsdp"][0], results["ddp"][0]
     assert sharded["report"].keys() == replicated["report"].keys() and len(sharded["report"]) == 3
     one_query = 100 / 360  # Digits' validation split; float rounding may move one neighbour
     for key, top1 in replicated["report"].items():
         assert abs(sharded["report"][key] - top1) <= one_query, key
     assert abs(sharded["knn_top1"] - replicated["knn_top1"]) <= 1 / 64  # a fraction; two validation batches of 32
     # The gathered copy on every rank holds the trained weights (DDP's own module here).
-    for rank in sharded_ranks:
+    for rank in results["fsdp"]:
         assert rank["backbone"].keys() == replicated["backbone"].keys()
         for key, value in replicated["backbone"].items():
             torch.testing.assert_close(rank["backbone"][key], value, msg=key)
+    # predict: every validation image once, with the backbone features DDP gives. (The projector's
+    # "embeds" pass BatchNorm running statistics, which each process keeps for itself.)
+    written = {strategy: np.load(tmp_path / strategy / "embeddings.npz") for strategy in results}
+    assert np.array_equal(written["fsdp"]["index"], np.arange(360))
+    assert np.array_equal(written["fsdp"]["label"], written["ddp"]["label"])
+    np.testing.assert_allclose(written["fsdp"]["feats"], written["ddp"]["feats"], rtol=1e-5, atol=1e-6)
