@@ -63,7 +63,7 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, view_de
     config.write_text(yaml.safe_dump(recipe(view_device)))
     kill = tmp_path / "kill.yaml"
     kill.write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": "kill_switch.KillAtStep", "init_args": {"step": KILL_AT}}]}}))
+        {"class_path": "kill_switch.SignalsAtSteps", "init_args": {"signals": {KILL_AT: "SIGKILL"}}}]}}))
 
     straight = fit(config, "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]

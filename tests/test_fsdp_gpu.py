@@ -22,7 +22,7 @@ from ssl_lightning.cli import main
 from ssl_lightning.export import load_backbone
 from ssl_lightning.methods import METHODS
 from ssl_lightning.optim import cosine_momentum
-from ssl_lightning.strategies import wrap_blocks_backbone_and_heads
+from ssl_lightning.strategies import FSDP_WRAPPED_PREFIX, wrap_blocks_backbone_and_heads
 
 pytestmark = [
     pytest.mark.gpu,
@@ -45,7 +45,7 @@ class FullBackboneAtEnd(L.Callback):
     def on_train_end(self, trainer, pl_module):
         with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
             self.weights = {
-                name.replace("_fsdp_wrapped_module.", ""): param.detach().cpu().clone()
+                name.replace(FSDP_WRAPPED_PREFIX, ""): param.detach().cpu().clone()
                 for name, param in pl_module.backbone.named_parameters()
             }
 
@@ -95,7 +95,7 @@ def test_vit_method_trains_under_fsdp_and_its_checkpoint_loads_without_it(name, 
     first, last = saved_state(tmp_path / "step=1.ckpt"), saved_state(tmp_path / "step=2.ckpt")
     qkv = "backbone.blocks.0.attn.qkv.weight"
     assert last[qkv].shape == (3 * 192, 192) and not torch.equal(first[qkv], last[qkv])  # full tensors; it trained
-    assert not any("_fsdp_wrapped_module" in key for key in last)
+    assert not any(FSDP_WRAPPED_PREFIX in key for key in last)
     # A plain module (no FSDP) loads the checkpoint strictly: same names, full shapes.
     restored = METHODS[name].load_from_checkpoint(tmp_path / "step=2.ckpt", weights_only=True)
     for backbone in (restored.backbone, load_backbone(tmp_path / "step=2.ckpt")):

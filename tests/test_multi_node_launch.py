@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from slurm import srun_environment
+
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(300)]
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -47,13 +49,7 @@ def torchrun_node(node_rank: int, port: int, root: Path, devices: int = 1) -> tu
 
 
 def srun_task(node_rank: int, port: int, root: Path, devices: int = 1) -> tuple[list[str], dict]:
-    # What srun sets for task <node_rank> of `sbatch --nodes=2 --ntasks-per-node=1` (one GPU per
-    # node); MASTER_ADDR/PORT stand in for resolving the first host of SLURM_NODELIST.
-    env = {"SLURM_NTASKS": str(NODES), "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": str(NODES),
-           "SLURM_PROCID": str(node_rank), "SLURM_LOCALID": "0", "SLURM_NODEID": str(node_rank),
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "simclr-r18", "SLURM_NODELIST": "node[0-1]",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    return [sys.executable] + fit_args(root, devices), env
+    return [sys.executable] + fit_args(root, devices), srun_environment(node_rank, NODES, port)
 
 
 def launch(launcher, root: Path, devices: int = 1) -> list[tuple[int, str]]:
@@ -97,7 +93,6 @@ def test_two_nodes_train_one_run_with_the_lr_of_the_global_batch(launcher, tmp_p
     assert logged_lr and max(logged_lr) == pytest.approx(peak)
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 2  # two steps of the global batch
-
 
 
 def test_srun_with_devices_other_than_tasks_per_node_stops_naming_both(tmp_path):

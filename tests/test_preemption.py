@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from fakes import TINY_BACKBONE, fake_loader, tiny_fit_args
+from slurm import srun_environment
 from ssl_lightning.callbacks import SaveOnInterrupt
 from ssl_lightning.methods import SimCLR
 from ssl_lightning.runs import find_resume_checkpoint, step_checkpoint
@@ -118,16 +119,14 @@ def test_slurm_requeue_signal_saves_requeues_and_the_requeued_job_resumes(tmp_pa
     signals = tmp_path / "signals.yaml"
     signals.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "kill_switch.SignalsAtSteps", "init_args": {"signals": {4: "SIGUSR1", 5: "SIGTERM"}}}]}}))
-    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "simclr-r18",
-             "SLURM_NODELIST": "node0", "MASTER_ADDR": "127.0.0.1"}
+    slurm = srun_environment(task=0, nodes=1)
     env = {**os.environ, **slurm, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     command = [sys.executable, "-m", "ssl_lightning", *tiny_fit_args("requeued", 1)]
     command[command.index("--trainer.limit_train_batches") + 1] = "10"
     first = subprocess.run([*command, "--config", str(signals)], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=90)
     assert first.returncode == 0, first.stderr[-3000:]  # Lightning's SIGTERMException: SystemExit, no code
-    assert (tmp_path / "scontrol_calls").read_text().split() == ["requeue", "4242"]
+    assert (tmp_path / "scontrol_calls").read_text().split() == ["requeue", slurm["SLURM_JOB_ID"]]
     run = tmp_path / "runs" / "requeued"
     assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 4
     assert torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)["global_step"] == 5
