@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_lightning.callbacks import ImagesPerSecond, ThrottledProgressBar
 from ssl_lightning.methods import BYOL, BarlowTwins, SimCLR
-from ssl_lightning.methods.base import SSLMethod
+from ssl_lightning.methods.ssl import SSLMethod
 from ssl_lightning.optim import build_lr_scheduler, create_optimizer, param_groups
 
 from report import emit  # benchmarks/report.py, beside this script

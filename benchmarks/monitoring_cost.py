@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ssl_lightning.callbacks.spectrum import (
+from ssl_lightning.metrics.spectrum import (
     alpha_req_from_eigenvalues,
     effective_rank_from_eigenvalues,
     rankme_from_singular_values,

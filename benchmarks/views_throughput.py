@@ -39,7 +39,12 @@ import torch
 from ssl_lightning.datamodules import ViewDataModule
 from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.sources import TensorImages
-from ssl_lightning.datamodules.views import MIN_SIZE_FOR_BLUR, MultiViewTransform, blur_kernel_size, resolve_views
+from ssl_lightning.datamodules.views import (
+    MIN_SIZE_FOR_BLUR,
+    MultiViewTransform,
+    blur_kernel_size,
+    resolve_views,
+)
 
 from report import emit  # benchmarks/report.py, beside this script
 

@@ -4,6 +4,10 @@ __version__ = "0.1.0"
 
 __all__ = ["load_backbone"]
 
+from ssl_lightning import _moved
+
+_moved.install()  # old import paths (before the method-families layout) keep working
+
 
 def __getattr__(name: str):
     # Lazy, so that `import ssl_lightning` stays cheap (no torch / timm import until needed).

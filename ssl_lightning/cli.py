@@ -9,21 +9,32 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from ssl_lightning import callbacks as callbacks_module
 from ssl_lightning import datamodules as datamodules_module
-from ssl_lightning.export import export_command
 from ssl_lightning.callbacks.preemption import SaveOnInterrupt
 from ssl_lightning.callbacks.progress import ThrottledProgressBar
 from ssl_lightning.callbacks.random_states import RandomStates
 from ssl_lightning.callbacks.throughput import ImagesPerSecond, InputWait
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
-from ssl_lightning.methods import EVALUATIONS, METHODS
-from ssl_lightning.runs import find_resume_checkpoint, load_wandb_run_id, run_dir, save_wandb_run_id, step_checkpoint
+from ssl_lightning.evaluation import EVALUATIONS
+from ssl_lightning.export import export_command
+from ssl_lightning.methods import METHODS
+from ssl_lightning.runs import (
+    find_resume_checkpoint,
+    load_wandb_run_id,
+    run_dir,
+    save_wandb_run_id,
+    step_checkpoint,
+)
 
 DATA_LINKS = ("batch_size", "num_classes", "in_chans", "image_size")
 

@@ -26,7 +26,7 @@ from timm.models import (
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-from ssl_lightning import heads
+from ssl_lightning.components import heads
 
 #: the block classes timm's ViT-family models stack (ViT, DeiT, DINOv2, EVA, BEiT, CaiT, XCiT,
 #: Swin, SAM, relative-position ViTs); tests/test_strategies.py checks them against timm's models
@@ -49,7 +49,7 @@ TIMM_TRANSFORMER_BLOCKS: tuple[type[nn.Module], ...] = (
     swin_transformer.SwinTransformerBlock,
 )
 
-#: every head class of ``ssl_lightning.heads`` (projectors, predictors)
+#: every head class of ``ssl_lightning.components.heads`` (projectors, predictors, classifiers)
 HEADS: tuple[type[nn.Module], ...] = tuple(
     cls for cls in vars(heads).values()
     if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == heads.__name__

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from fakes import TINY_BACKBONE
+from helpers.fakes import TINY_BACKBONE
 
 # Tests run on 2 CPU cores; more intra-op threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

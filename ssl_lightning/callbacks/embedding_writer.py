@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from ssl_lightning.callbacks.knn import unique_by_index
 from ssl_lightning.distributed import gather
+from ssl_lightning.metrics.knn import unique_by_index
 
 KEYS = ("feats", "embeds", "label", "index")
 

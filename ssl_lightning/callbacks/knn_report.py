@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from ssl_lightning.callbacks.knn import knn_accuracy
+from ssl_lightning.metrics.knn import knn_accuracy
 from ssl_lightning.strategies import unsharded_copy
 
 

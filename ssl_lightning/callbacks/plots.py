@@ -10,9 +10,10 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from ssl_lightning.callbacks.knn import QUERIES, unique_by_index
-from ssl_lightning.callbacks.spectrum import singular_values
+from ssl_lightning.datamodules.base import QUERIES
 from ssl_lightning.distributed import gather
+from ssl_lightning.metrics.knn import unique_by_index
+from ssl_lightning.metrics.spectrum import singular_values
 
 
 def has_umap() -> bool:
@@ -31,7 +32,9 @@ def project_2d(x: torch.Tensor, method: Literal["auto", "pca", "umap"] = "auto",
 
 
 def spectrum_figure(sigma: torch.Tensor, title: str):
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global backend state, works headless
+    )
 
     figure = Figure(figsize=(5, 3.5), dpi=100)
     axes = figure.add_subplot()

@@ -1,138 +1,160 @@
-"""Spectral measures of an embedding matrix: RankMe, effective rank and alpha-ReQ.
+"""Spectral monitoring of the validation embeddings: RankMe, effective rank, alpha-ReQ, collapse.
 
-Pure functions on an ``[N, D]`` tensor; no Lightning. Everything is computed in float64.
-
-Singular values come from the eigenvalues of the smaller Gram matrix (``x xᵀ`` when N <= D,
-else ``xᵀ x``), not from an SVD: the Gram product costs O(N·D·min(N, D)) and the symmetric
-eigen-solver O(min(N, D)³), which is exact (up to float64 rounding) and several times faster than
-``torch.linalg.svdvals`` on 25,600 x 2,048 matrices (see ``benchmarks/monitoring_cost.py``).
-:func:`spectrum` computes the Gram matrix once and derives the centred one from it, so that
-RankMe (raw matrix) and the covariance measures share the expensive product.
+One gathered, de-duplicated matrix per output key ("feats", "embeds"), one Gram product and two
+symmetric eigen-solves per key (see :mod:`ssl_lightning.metrics.spectrum`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-RANKME_EPS = 1e-7  # the constant Garrido et al. add to every normalised singular value
-
-
-@dataclass(frozen=True)
-class Spectrum:
-    """Singular values of the raw matrix and eigenvalues of the covariance (both descending), and
-    the embedding width ``dim`` (the largest possible rank)."""
-
-    singular_values: torch.Tensor
-    covariance_eigenvalues: torch.Tensor
-    dim: int
-
-
-def _check_matrix(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 2 or x.shape[0] < 2 or x.shape[1] < 1:
-        raise ValueError(f"expected an [N, D] embedding matrix with N >= 2 rows, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("the embedding matrix holds NaN or inf values; spectral measures are undefined")
-    return x.detach().to(torch.float64)
+from ssl_lightning.datamodules.base import QUERIES
+from ssl_lightning.distributed import gather
+from ssl_lightning.metrics.knn import unique_by_index
+from ssl_lightning.metrics.spectrum import (
+    Spectrum,
+    alpha_req_from_eigenvalues,
+    effective_rank_from_eigenvalues,
+    rankme_from_singular_values,
+    spectrum,
+)
 
 
-def _descending_eigenvalues(symmetric: torch.Tensor) -> torch.Tensor:
-    # Rounding makes the smallest eigenvalues of a PSD matrix slightly negative; they are zero.
-    return torch.linalg.eigvalsh(symmetric).clamp_min(0).flip(0)
+class SpectrumCallback(L.Callback):
+    """Logs RankMe, effective rank and alpha-ReQ of the validation embeddings; warns on collapse.
 
+    At the end of every ``every_n_epochs``-th validation epoch (never in the sanity check), the
+    outputs ``keys`` of ``validation_step`` on the validation set (dataloader_idx 0; the kNN bank
+    is ignored) are gathered across ranks, de-duplicated by ``index`` and cut to ``max_samples``
+    rows (the lowest dataset indices among those collected; each rank collects at most
+    ``max_samples``). For every key it logs:
 
-def spectrum(x: torch.Tensor) -> Spectrum:
-    """Singular values of ``x`` and eigenvalues of its covariance, with one Gram product."""
-    x = _check_matrix(x)
-    n, d = x.shape
-    mean = x.mean(0)
-    if n <= d:
-        gram = x @ x.T
-        # Centring is a projection on both sides: (I - 11ᵀ/n) G (I - 11ᵀ/n).
-        row_mean = gram.mean(1, keepdim=True)
-        centred = gram - row_mean - row_mean.T + gram.mean()
-    else:
-        gram = x.T @ x
-        centred = gram - n * torch.outer(mean, mean)
-    singular = _descending_eigenvalues(gram).sqrt()
-    covariance = _descending_eigenvalues(centred) / (n - 1)
-    return Spectrum(singular, covariance, d)
+    * ``rankme/<key>``: RankMe (Garrido et al. 2023) of the raw matrix; ``rankme/<key>_ratio``:
+      RankMe / embedding width;
+    * ``erank/<key>``: effective rank of the covariance of the centred embeddings;
+    * ``alpha_req/<key>`` and ``alpha_req/<key>_r2``: decay exponent of the covariance spectrum
+      (positive = decaying) and the R² of its log-log fit over ``alpha_fit_range``;
+    * ``rankme/num_samples``: the number of rows the measures were computed on.
 
+    Cost per key: O(N·D·min(N, D)) for the Gram product plus two O(min(N, D)³) eigen-solves, in
+    float64: 9.8 s for 25,600 x 2,048 on 2 shared CPU cores (``torch.linalg.svdvals``: 31.6 s); see
+    ``benchmarks/monitoring_cost.py`` and docs/monitoring.md.
 
-def singular_values(x: torch.Tensor) -> torch.Tensor:
-    """Singular values of the raw (not centred) ``[N, D]`` matrix, descending, min(N, D) of them."""
-    x = _check_matrix(x)
-    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
-    return _descending_eigenvalues(gram).sqrt()
-
-
-def covariance_eigenvalues(x: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of the covariance of the centred rows (divisor N - 1), descending."""
-    return spectrum(x).covariance_eigenvalues
-
-
-def _entropy_exp(p: torch.Tensor) -> float:
-    # 0 log 0 = 0 by continuity.
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def rankme_from_singular_values(sigma: torch.Tensor) -> float:
-    """RankMe (Garrido et al., ICML 2023): exp(-sum p_k log p_k), p_k = sigma_k / ||sigma||_1 + 1e-7.
-
-    An all-zero matrix has no spectrum to normalise; its RankMe is defined as 0."""
-    total = sigma.sum()
-    if total <= 0:
-        return 0.0
-    return _entropy_exp(sigma / total + RANKME_EPS)
-
-
-def rankme(x: torch.Tensor) -> float:
-    """RankMe of the raw ``[N, D]`` embedding matrix; between ~1 (collapse) and min(N, D)."""
-    return rankme_from_singular_values(singular_values(x))
-
-
-def effective_rank_from_eigenvalues(eigenvalues: torch.Tensor) -> float:
-    """exp of the Shannon entropy of the eigenvalues normalised to sum 1 (0 for a zero matrix)."""
-    total = eigenvalues.sum()
-    if total <= 0:
-        return 0.0
-    return _entropy_exp(eigenvalues / total)
-
-
-def effective_rank(x: torch.Tensor) -> float:
-    """Effective rank (Roy & Vetterli 2007) of the covariance of the centred embeddings."""
-    return effective_rank_from_eigenvalues(covariance_eigenvalues(x))
-
-
-def alpha_req_from_eigenvalues(
-    eigenvalues: torch.Tensor, fit_range: tuple[int, int | None] = (1, None)
-) -> tuple[float, float]:
-    """(alpha, R²) of the least-squares line log(lambda_i) = c - alpha log(i) (Agrawal et al. 2022).
-
-    ``fit_range = (first, last)`` are 1-based eigenvalue ranks, inclusive; ``last=None`` means the
-    last one. Zero eigenvalues inside the range (rank-deficient data) have no logarithm and are left
-    out of the fit. alpha > 0 means the spectrum decays; NaN when fewer than 2 points remain.
+    Collapse: when ``rankme/<collapse_key>_ratio`` is below ``collapse_ratio`` for
+    ``collapse_patience`` consecutive monitored validations, a warning names the method, the metric
+    and the epoch; with ``stop_training=True`` the trainer stops (the decision is reduced across
+    ranks so that all of them stop together). ``collapse_key=None`` disables the check.
     """
-    first, last = fit_range
-    if first < 1 or (last is not None and last < first):
-        raise ValueError(f"fit_range must be 1-based (first, last) with 1 <= first <= last, got {fit_range}")
-    ranks = torch.arange(1, len(eigenvalues) + 1, dtype=torch.float64)
-    chosen = slice(first - 1, last)
-    ranks, values = ranks[chosen], eigenvalues.to(torch.float64)[chosen]
-    positive = values > 0
-    if int(positive.sum()) < 2:
-        return float("nan"), float("nan")
-    log_i, log_v = ranks[positive].log(), values[positive].log()
-    centred_i, centred_v = log_i - log_i.mean(), log_v - log_v.mean()
-    slope = (centred_i * centred_v).sum() / (centred_i * centred_i).sum()
-    residual = centred_v - slope * centred_i
-    total = (centred_v * centred_v).sum()
-    r2 = 1.0 - float((residual * residual).sum() / total) if total > 0 else 1.0
-    return -float(slope), r2
 
+    def __init__(
+        self,
+        keys: tuple[str, ...] = ("feats", "embeds"),
+        max_samples: int = 25_600,
+        every_n_epochs: int = 1,
+        alpha_fit_range: tuple[int, int | None] = (1, None),
+        collapse_key: str | None = "embeds",
+        collapse_ratio: float = 0.05,
+        collapse_patience: int = 3,
+        stop_training: bool = False,
+    ):
+        if collapse_key is not None and collapse_key not in keys:
+            raise ValueError(f"SpectrumCallback: collapse_key={collapse_key!r} must be one of keys={keys}.")
+        if max_samples < 2 or every_n_epochs < 1 or collapse_patience < 1:
+            raise ValueError(
+                "SpectrumCallback: max_samples must be >= 2, every_n_epochs and collapse_patience >= 1; "
+                f"got {max_samples}, {every_n_epochs}, {collapse_patience}."
+            )
+        self.keys = tuple(keys)
+        self.max_samples = max_samples
+        self.every_n_epochs = every_n_epochs
+        self.alpha_fit_range = tuple(alpha_fit_range)
+        self.collapse_key = collapse_key
+        self.collapse_ratio = collapse_ratio
+        self.collapse_patience = collapse_patience
+        self.stop_training = stop_training
+        self.low_rank_streak = 0
+        self._rows: list[dict[str, torch.Tensor]] = []
+        self._collected = 0
 
-def alpha_req(x: torch.Tensor, fit_range: tuple[int, int | None] = (1, None)) -> tuple[float, float]:
-    """alpha-ReQ exponent and R² of the covariance eigen-spectrum of ``x`` (see above)."""
-    return alpha_req_from_eigenvalues(covariance_eigenvalues(x), fit_range)
+    def _active(self, trainer: L.Trainer) -> bool:
+        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rows, self._collected = [], 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if dataloader_idx != QUERIES or not self._active(trainer) or self._collected >= self.max_samples:
+            return
+        missing = [key for key in (*self.keys, "index") if key not in outputs]
+        if missing:
+            raise KeyError(
+                f"SpectrumCallback(keys={self.keys}): validation_step returned {sorted(outputs)}, "
+                f"without {missing}. Return them (SSLMethod does) or change keys."
+            )
+        keep = self.max_samples - self._collected
+        self._rows.append({key: outputs[key].detach()[:keep] for key in (*self.keys, "index")})
+        self._collected += len(self._rows[-1]["index"])
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._active(trainer):
+            return
+        rows, self._rows = self._rows, []
+        if not rows:
+            rank_zero_warn("SpectrumCallback: no validation batches were seen; spectral metrics not logged.")
+            return
+        matrices = self._gather(rows)
+        metrics = {"rankme/num_samples": float(len(next(iter(matrices.values()))))}
+        for key, matrix in matrices.items():
+            if not torch.isfinite(matrix).all():
+                # A diverged model should not be stopped by its monitor: log NaN and say why.
+                rank_zero_warn(f"SpectrumCallback: '{key}' holds NaN or inf values; its spectral metrics are NaN.")
+                metrics.update(dict.fromkeys(self.measures_names(key), float("nan")))
+                continue
+            metrics.update(self.measures(key, spectrum(matrix.flatten(1))))
+        for name, value in metrics.items():
+            # Every rank holds the same gathered matrix, hence the same value: no sync needed.
+            pl_module.log(name, value, add_dataloader_idx=False)
+        if self.collapse_key is not None:
+            width = matrices[self.collapse_key].flatten(1).shape[1]
+            self._check_collapse(trainer, pl_module, metrics[f"rankme/{self.collapse_key}_ratio"], width)
+
+    def measures(self, key: str, result: Spectrum) -> dict[str, float]:
+        """The logged metrics of one key's spectrum."""
+        rank = rankme_from_singular_values(result.singular_values)
+        alpha, r2 = alpha_req_from_eigenvalues(result.covariance_eigenvalues, self.alpha_fit_range)
+        erank = effective_rank_from_eigenvalues(result.covariance_eigenvalues)
+        return dict(zip(self.measures_names(key), (rank, rank / result.dim, erank, alpha, r2)))
+
+    @staticmethod
+    def measures_names(key: str) -> tuple[str, ...]:
+        """Names of the metrics logged for one key, in the order :meth:`measures` computes them."""
+        return (f"rankme/{key}", f"rankme/{key}_ratio", f"erank/{key}", f"alpha_req/{key}", f"alpha_req/{key}_r2")
+
+    def _gather(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        index = gather(torch.cat([row["index"] for row in rows]))
+        columns = [gather(torch.cat([row[key] for row in rows])) for key in self.keys]
+        unique = unique_by_index(index, *columns)
+        return {key: column[: self.max_samples] for key, column in zip(self.keys, unique)}
+
+    def _check_collapse(self, trainer: L.Trainer, pl_module: L.LightningModule, ratio: float, width: int) -> None:
+        name = f"rankme/{self.collapse_key}_ratio"
+        self.low_rank_streak = self.low_rank_streak + 1 if ratio < self.collapse_ratio else 0
+        collapsed = self.low_rank_streak >= self.collapse_patience
+        if self.low_rank_streak == self.collapse_patience:
+            rank_zero_warn(
+                f"{type(pl_module).__name__}: {name} = {ratio:.4f} (RankMe / {width} of "
+                f"'{self.collapse_key}') has been below {self.collapse_ratio} for {self.low_rank_streak} "
+                f"consecutive validations at epoch {trainer.current_epoch}: the representation is collapsing. "
+                "Check the learning rate, augmentations and loss weights"
+                + ("; stopping training." if self.stop_training else " (stop_training=True stops the run).")
+            )
+        if self.stop_training and trainer.strategy.reduce_boolean_decision(collapsed, all=False):
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return {"low_rank_streak": self.low_rank_streak}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.low_rank_streak = state_dict["low_rank_streak"]

@@ -8,7 +8,7 @@ from time import perf_counter
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ssl_lightning.methods.optimization import logger_writes_this_step
+from ssl_lightning.core.step_logging import logger_writes_this_step
 
 
 class LoggerStepWindows(L.Callback):

@@ -21,7 +21,12 @@ from ssl_lightning.datamodules.device_batches import (
     resolve_view_device,
 )
 from ssl_lightning.datamodules.device_views import DeviceViews
-from ssl_lightning.datamodules.sampling import ResumableDataLoader, SeededSampler, seeded_rng, split_seeded_item
+from ssl_lightning.datamodules.sampling import (
+    ResumableDataLoader,
+    SeededSampler,
+    seeded_rng,
+    split_seeded_item,
+)
 from ssl_lightning.datamodules.sources import ImageSource
 from ssl_lightning.datamodules.views import (
     MultiViewTransform,
@@ -31,6 +36,9 @@ from ssl_lightning.datamodules.views import (
 )
 
 Split = Literal["train", "val", "bank"]
+
+#: ``dataloader_idx`` of the validation split and of the kNN bank once ``request_knn_bank()`` was called
+QUERIES, BANK = 0, 1
 
 
 class ViewDataset(Dataset):

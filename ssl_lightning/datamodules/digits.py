@@ -11,7 +11,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ssl_lightning.datamodules.base import Split, ViewDataModule
-from ssl_lightning.datamodules.sources import ChannelStatsFromData, TensorImages, channel_stats
+from ssl_lightning.datamodules.sources import (
+    ChannelStatsFromData,
+    TensorImages,
+    channel_stats,
+)
 
 STORED_SIZE = 32  # 8x8 is too small for strided backbones and random crops; upsampled once, not per view
 

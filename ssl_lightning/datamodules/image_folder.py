@@ -12,7 +12,10 @@ from ssl_lightning.datamodules.image_files import (
     check_image_headers,
     list_image_folder,
 )
-from ssl_lightning.datamodules.sources import ChannelStatsFromData, sampled_channel_stats
+from ssl_lightning.datamodules.sources import (
+    ChannelStatsFromData,
+    sampled_channel_stats,
+)
 
 STATS_SAMPLE = 512  # files decoded to estimate mean/std: large images make each one costly
 DEFAULT_IMAGE_SIZE = 224  # files have no common size; ImageNet's convention

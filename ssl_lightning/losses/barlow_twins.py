@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from ssl_lightning.distributed import all_reduce_sum
+from ssl_lightning.losses._checks import check_paired_rows
 
 
 def barlow_twins(z1: Tensor, z2: Tensor, lambda_offdiag: float = 5e-3, eps: float = 1e-5) -> Tensor:
@@ -32,11 +33,7 @@ def barlow_twins(z1: Tensor, z2: Tensor, lambda_offdiag: float = 5e-3, eps: floa
     Returns:
         The scalar loss, in the input dtype, or in float32 for lower-precision inputs.
     """
-    if z1.dim() != 2 or z1.shape != z2.shape:
-        raise ValueError(
-            f"barlow_twins expects z1 and z2 of the same 2-D shape [N, D], "
-            f"got {tuple(z1.shape)} and {tuple(z2.shape)}"
-        )
+    check_paired_rows("barlow_twins", z1, z2)
     if z1.shape[0] < 2:
         # Checked per process (not globally) so that no rank has to wait for a count.
         raise ValueError(

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_lightning.distributed import all_reduce_sum
+from ssl_lightning.losses._checks import check_paired_rows
 
 
 def normalized_regression(p: Tensor, z: Tensor) -> Tensor:
@@ -26,11 +27,7 @@ def normalized_regression(p: Tensor, z: Tensor) -> Tensor:
     Returns:
         The scalar loss, in the input dtype, or in float32 for lower-precision inputs.
     """
-    if p.dim() != 2 or p.shape != z.shape:
-        raise ValueError(
-            f"normalized_regression expects p and z of the same 2-D shape [N, D], "
-            f"got {tuple(p.shape)} and {tuple(z.shape)}"
-        )
+    check_paired_rows("normalized_regression", p, z, names=("p", "z"))
 
     # Half precision rounds cos to ~3 digits; autocast would re-lower the products.
     dtype = torch.promote_types(p.dtype, torch.float32)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_lightning.distributed import all_reduce_sum, gather, rank
+from ssl_lightning.losses._checks import check_paired_rows
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
@@ -31,11 +32,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     Returns:
         The scalar loss, in the input dtype, or in float32 for lower-precision inputs.
     """
-    if z1.dim() != 2 or z1.shape != z2.shape:
-        raise ValueError(
-            f"nt_xent expects z1 and z2 of the same 2-D shape [N, D], "
-            f"got {tuple(z1.shape)} and {tuple(z2.shape)}"
-        )
+    check_paired_rows("nt_xent", z1, z2)
     if temperature <= 0:
         raise ValueError(f"nt_xent needs temperature > 0, got {temperature}")
 

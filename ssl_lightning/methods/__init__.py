@@ -1,18 +1,18 @@
-"""Methods: one small LightningModule per method."""
+"""Methods: one small LightningModule per method, one folder per family (docs/architecture.md)."""
 
-from ssl_lightning.methods.barlow_twins import BarlowTwins
-from ssl_lightning.methods.base import SSLMethod
-from ssl_lightning.methods.byol import BYOL
-from ssl_lightning.methods.finetune import FineTune
-from ssl_lightning.methods.knn_eval import KNNEvaluation
-from ssl_lightning.methods.linear_probe import LinearProbe
-from ssl_lightning.methods.simclr import SimCLR
-from ssl_lightning.methods.teacher import EMATeacher
+from ssl_lightning import _moved
+from ssl_lightning.methods import ssl
+from ssl_lightning.methods.ssl import BYOL, BarlowTwins, SimCLR, SSLMethod
 
-__all__ = ["SSLMethod", "SimCLR", "BarlowTwins", "BYOL", "EMATeacher", "LinearProbe", "KNNEvaluation", "FineTune"]
+__all__ = ["BYOL", "FAMILIES", "METHODS", "BarlowTwins", "SSLMethod", "SimCLR"]
 
-#: the methods selectable by short name (``model: BarlowTwins``), listed by ``python -m ssl_lightning list``
-METHODS = {cls.__name__: cls for cls in (SimCLR, BarlowTwins, BYOL)}
+#: each family's methods by short name
+FAMILIES: dict[str, dict[str, type]] = {"ssl": ssl.METHODS}
 
-#: evaluations of a method checkpoint's backbone (``model: LinearProbe``), see docs/evaluation.md
-EVALUATIONS = {cls.__name__: cls for cls in (LinearProbe, KNNEvaluation, FineTune)}
+#: every method by short name (``model: BarlowTwins``): the CLI's names, ``python -m ssl_lightning
+#: list``, the benchmarks, and every per-method test read this registry
+METHODS: dict[str, type] = {name: cls for family in FAMILIES.values() for name, cls in family.items()}
+
+
+def __getattr__(name: str):
+    return _moved.moved_attribute(__name__, name)  # LinearProbe, EMATeacher, ...: see _moved.py

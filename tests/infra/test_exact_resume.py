@@ -1,0 +1,86 @@
+"""A run killed with SIGKILL mid-epoch and rerun ends bit-identical to an uninterrupted run.
+
+The runs are real CLI processes with two DataLoader workers. The backbone uses drop path, so the
+model draws from the global RNG every step: the test fails if the RNG states, the data order or
+the per-sample augmentation seeds are not restored exactly.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers.fakes import TINY_BACKBONE
+from helpers.paths import TESTS
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+STEPS_PER_EPOCH = 22  # 1,437 training digits // 64
+CHECKPOINT_EVERY = 4
+KILL_AT = 15  # three steps after the mid-epoch checkpoint at step 12
+
+
+def recipe(view_device: str) -> dict:
+    return {
+        "seed_everything": 0,
+        "checkpoint_every_n_steps": CHECKPOINT_EVERY,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_epochs": 2, "limit_val_batches": 0, "logger": False,
+            "enable_progress_bar": False, "enable_model_summary": False,
+        },
+        "model": {"class_path": "SimCLR", "init_args": {
+            "backbone": TINY_BACKBONE["backbone"], "cifar_stem": True,
+            "backbone_kwargs": {**TINY_BACKBONE["backbone_kwargs"], "drop_path_rate": 0.2},
+            "proj_hidden_dim": 32, "proj_dim": 16, "optimizer": "adamw", "lr": 1e-3,
+        }},
+        "data": {"class_path": "Digits", "init_args": {
+            "batch_size": 64, "num_workers": 2, "persistent_workers": True, "view_device": view_device,
+        }},
+    }
+
+
+def fit(config: Path, run_name: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "ssl_lightning", "fit", "--config", str(config), "--run_name", run_name, *extra],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+
+
+def final_state(run_name: str) -> dict:
+    return torch.load(Path("runs") / run_name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("view_device", ["cpu", "device"])
+def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, view_device):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(recipe(view_device)))
+    kill = tmp_path / "kill.yaml"
+    kill.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "helpers.kill_switch.SignalsAtSteps", "init_args": {"signals": {KILL_AT: "SIGKILL"}}}]}}))
+
+    straight = fit(config, "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = fit(config, "killed", "--config", str(kill))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = fit(config, "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert f"Run 'killed': resuming from runs/killed/checkpoints/last.ckpt (step {3 * CHECKPOINT_EVERY}, epoch 0)" in log
+    assert "not resumable" not in log
+
+    expected, got = final_state("straight"), final_state("killed")
+    assert got["global_step"] == expected["global_step"] == 2 * STEPS_PER_EPOCH
+    assert expected["state_dict"].keys() == got["state_dict"].keys()
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(tensor, got["state_dict"][name]), name
+    for key, moments in expected["optimizer_states"][0]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, got["optimizer_states"][0]["state"][key][name]), (key, name)
