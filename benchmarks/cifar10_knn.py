@@ -1,6 +1,6 @@
-"""Evidence that the methods learn: SimCLR, Barlow Twins and BYOL for the same budget on CIFAR-10.
+"""Evidence that the methods learn: every self-supervised method with a CIFAR-10 recipe, for the same budget.
 
-Each method runs its recipe from ``configs/cifar10/<method>.yaml`` through the CLI, with the
+Each method runs its recipe from ``configs/cifar10/`` (found through the registry) through the CLI, with the
 backbone, batch, step budget and warm-up overridden from the command line, on the JPEG copy of
 CIFAR-10 (``../shared/data/cifar10_jpeg.npz``). After training, kNN top-1 is reported for the
 trained backbone, for the same architecture at random initialisation (seed 0), and for raw pixels.
@@ -8,7 +8,7 @@ trained backbone, for the same architecture at random initialisation (seed 0), a
 Protocol: weighted kNN, k=200, T=0.1, cosine, backbone features in eval mode; bank = the 50,000
 un-augmented training images; queries = the 10,000 test images.
 
-    python benchmarks/cifar10_knn.py --steps 1500 --out benchmarks/results/cifar10_knn.json
+    python benchmarks/cifar10_knn.py --steps 1500 --methods SimCLR BYOL --out benchmarks/results/cifar10_knn.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 from ssl_lightning.callbacks import KNNReport
 from ssl_lightning.cli import SSLCLI
 
-from report import emit  # benchmarks/report.py, beside this script
+from recipes import methods_with_recipes, recipe  # benchmarks/recipes.py, beside this script
+from report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_RESNET = '{"layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256]}'
@@ -33,7 +34,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     report = KNNReport(k=200, temperature=0.1, init_seed=0)
     cli = SSLCLI(
         args=[
-            "--config", str(ROOT / "configs" / "cifar10" / f"{method}.yaml"),
+            "--config", str(recipe(method)),
             "--data", "NpzArrays", "--data.path", str(args.data), "--data.batch_size", str(args.batch_size),
             "--data.num_workers", str(args.num_workers), "--data.pin_memory", str(accelerator == "gpu").lower(),
             "--model.init_args.backbone_kwargs", args.backbone_kwargs,
@@ -62,7 +63,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10_jpeg.npz")
-    parser.add_argument("--methods", nargs="+", default=["simclr", "barlow_twins", "byol"])
+    ssl_methods = methods_with_recipes("ssl")
+    parser.add_argument("--methods", nargs="+", choices=ssl_methods, default=ssl_methods)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=8)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import logging
 import platform
 import statistics
@@ -46,13 +47,14 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_lightning.callbacks import ImagesPerSecond, ThrottledProgressBar
-from ssl_lightning.methods import BYOL, BarlowTwins, SimCLR
+from ssl_lightning.core import OptimizationConfig
+from ssl_lightning.methods import BYOL, FAMILIES
 from ssl_lightning.methods.ssl import SSLMethod
 from ssl_lightning.optim import build_lr_scheduler, create_optimizer, param_groups
 
 from report import emit  # benchmarks/report.py, beside this script
 
-METHODS = {"simclr": SimCLR, "byol": BYOL, "barlow_twins": BarlowTwins}
+METHODS = FAMILIES["ssl"]  # the registry's self-supervised methods, by short name
 # The quickstart's model and optimizer (configs/quickstart.yaml), heads of the same width for all;
 # the backbone's widths come from --widths.
 MODEL = dict(
@@ -114,7 +116,7 @@ def elapsed(start: tuple[float, float], end: tuple[float, float]) -> dict[str, f
 
 def build(method: str, args: argparse.Namespace, variant: str = "fair") -> SSLMethod:
     torch.manual_seed(0)  # the same initial weights for every run
-    extra = {"pred_hidden_dim": 512} if method == "byol" else {}
+    extra = {"pred_hidden_dim": 512} if "pred_hidden_dim" in inspect.signature(METHODS[method]).parameters else {}
     backbone_kwargs = {"layers": args.layers, "channels": args.widths}
     return METHODS[method](**{**MODEL, "in_chans": args.in_chans}, **extra, backbone_kwargs=backbone_kwargs,
                            batch_size=args.batch, on_nonfinite_loss="skip" if variant == "skip" else "raise")
@@ -154,7 +156,7 @@ def run_bare(model: SSLMethod, loader: DataLoader, warmup: int) -> dict[str, flo
     device = loader.dataset.batches[0]["index"].device
     model.configure_model()
     model.to(device).train()
-    steps, config = len(loader), model.optimization
+    steps, config = len(loader), OptimizationConfig.from_hparams(model.hparams)
     # What configure_optimizers builds for one process (lr_scaling "none": the LR as given).
     optimizer = create_optimizer(
         config.optimizer, param_groups(model, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay,

@@ -61,7 +61,7 @@ case "$part" in
     # compiled) against pre-made views: SimCLR, the lightest step of the three, so the strictest case.
     python3 benchmarks/views_throughput.py --device cuda --batch 512 --compile --loader-workers 16 \
       --out "$out/views_throughput_gpu.json"
-    python3 benchmarks/gpu_training_speed.py --data .devdata/cifar10_jpeg.npz --methods simclr --compile-views \
+    python3 benchmarks/gpu_training_speed.py --data .devdata/cifar10_jpeg.npz --methods SimCLR --compile-views \
       --skip-throughput --out "$out/views_vs_premade_gpu.json"
     ;;
   overhead)

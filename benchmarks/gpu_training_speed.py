@@ -86,10 +86,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_lightning.cli import SSLCLI
 
-from report import emit  # benchmarks/report.py, beside this script
+from recipes import methods_with_recipes, recipe  # benchmarks/recipes.py, beside this script
+from report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("simclr", "byol", "barlow_twins")  # recipe files in configs/cifar10/
+METHODS = methods_with_recipes("ssl")  # the self-supervised methods with a recipe in configs/cifar10/
 SMOKE_RESNET = '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}'
 SMOKE_MODEL = [  # every recipe's method has these three arguments
     "--model.init_args.backbone_kwargs", SMOKE_RESNET,
@@ -101,9 +102,9 @@ LIGHTLY_SOURCE = (
     "evaluation after every epoch; views by PIL in 8 workers"
 )
 LIGHTLY_MINUTES_200_EPOCHS = {  # method -> {batch size: minutes}
-    "simclr": {128: 97.7, 512: 87.1},
-    "byol": {128: 121.9, 512: 108.3},
-    "barlow_twins": {128: 375.9, 512: 153.3},
+    "SimCLR": {128: 97.7, 512: 87.1},
+    "BYOL": {128: 121.9, 512: 108.3},
+    "BarlowTwins": {128: 375.9, 512: 153.3},
 }
 
 
@@ -200,7 +201,7 @@ def recipe_cli(method: str, args: argparse.Namespace, data: list[str], trainer: 
     model = SMOKE_MODEL if args.smoke else []
     return SSLCLI(
         args=[
-            "--config", str(ROOT / "configs" / "cifar10" / f"{method}.yaml"),
+            "--config", str(recipe(method)),
             "--data", "NpzArrays", "--data.path", str(args.data), "--data.batch_size", str(args.batch_size),
             "--data.pin_memory", str(on_gpu).lower(), *data,
             "--model.init_args.channels_last", str(args.channels_last).lower(),

@@ -1,4 +1,4 @@
-"""ssl_lightning: self-supervised learning methods as small plug-in LightningModules."""
+"""ssl_lightning: self-supervised, supervised and distillation methods as small plug-in LightningModules."""
 
 __version__ = "0.1.0"
 

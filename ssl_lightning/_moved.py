@@ -31,7 +31,13 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
     "ssl_lightning.methods.linear_probe": ("ssl_lightning.evaluation.linear_probe",),
     "ssl_lightning.methods.knn_eval": ("ssl_lightning.evaluation.knn",),
     "ssl_lightning.methods.finetune": ("ssl_lightning.evaluation.finetune",),
-    "ssl_lightning.callbacks.rankme": ("ssl_lightning.callbacks.spectrum",),
+}
+
+#: old modules whose name now means something else in their package: importing them fails, naming
+#: where their contents went (``ssl_lightning.callbacks.rankme`` is now the RankMe function)
+RETIRED_MODULES: dict[str, str] = {
+    "ssl_lightning.callbacks.rankme": "SpectrumCallback is in ssl_lightning.callbacks (module ssl_lightning.callbacks."
+    "spectrum); the name ssl_lightning.callbacks.rankme is the RankMe function of ssl_lightning.metrics",
 }
 
 #: package -> {old public name: the package that holds it now}
@@ -72,6 +78,8 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports an old module path as a module whose attributes come from the new modules."""
 
     def find_spec(self, fullname, path, target=None):
+        if fullname in RETIRED_MODULES:
+            raise ModuleNotFoundError(f"{fullname} was removed: {RETIRED_MODULES[fullname]}.", name=fullname)
         return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED_MODULES else None
 
     def create_module(self, spec):

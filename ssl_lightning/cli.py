@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import (
     LightningArgumentParser,
@@ -27,7 +30,8 @@ from ssl_lightning.callbacks.throughput import ImagesPerSecond, InputWait
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
 from ssl_lightning.evaluation import EVALUATIONS
 from ssl_lightning.export import export_command
-from ssl_lightning.methods import METHODS
+from ssl_lightning.methods import FAMILIES, METHODS
+from ssl_lightning.run_lock import is_launch_rank_zero, lock_run, release_run_locks
 from ssl_lightning.runs import (
     find_resume_checkpoint,
     load_wandb_run_id,
@@ -86,8 +90,9 @@ class SSLCLI(LightningCLI):
     and the DataModule's batch size, classes, channels and image size linked into the method.
 
     Runs (docs/reliability.md): with ``run_name`` set, the run lives in ``<root>/<run_name>``,
-    step checkpoints go to its ``checkpoints/`` folder, and ``fit`` resumes from the newest
-    loadable checkpoint there when no ``ckpt_path`` is given. Every checkpoint is written
+    step checkpoints go to its ``checkpoints/`` folder, ``fit`` holds its ``run.lock`` (one fit per
+    run at a time) and resumes from the loadable checkpoint with the highest step there when no
+    ``ckpt_path`` is given. Every checkpoint is written
     atomically (:class:`AtomicCheckpointIO`), SIGTERM and Ctrl-C save one
     (:class:`SaveOnInterrupt`), checkpoints hold every process's RNG states (:class:`RandomStates`),
     and ``fit`` loads checkpoints with ``weights_only=True``.
@@ -128,12 +133,16 @@ class SSLCLI(LightningCLI):
             return
         run = run_dir(config.root, config.run_name)
         config.trainer.default_root_dir = str(run)
+        if self.subcommand == "fit" and is_launch_rank_zero():  # one lock per launch, held until main() ends
+            lock_run(run)
         if self.subcommand == "fit" and config.get("ckpt_path") is None:
             point = find_resume_checkpoint(run)
             if point is not None:
                 config.ckpt_path = str(point.path)
+                passed_over = f" Passed over: {'; '.join(point.passed_over)}." if point.passed_over else ""
                 rank_zero_info(
                     f"Run '{config.run_name}': resuming from {point.path} (step {point.step}, epoch {point.epoch})."
+                    + passed_over
                 )
                 continue_wandb_run(config.trainer.get("logger"), run)
         if self.subcommand == "fit" and config.get("weights_only") is None:
@@ -200,8 +209,10 @@ def _attribute_reader(key: str):
 
 
 def print_registry() -> None:
-    lines = ["Methods (model: <name>):"]
-    lines += [f"  {name:<16} {_first_doc_line(cls)}" for name, cls in METHODS.items()]
+    lines = ["Methods (model: <name>), by family:"]
+    for family, methods in FAMILIES.items():
+        lines.append(f"  {family}:")
+        lines += [f"    {name:<14} {_first_doc_line(cls)}" for name, cls in methods.items()]
     lines.append("Evaluations of a checkpoint (model: <name>, model.pretrained: <ckpt>):")
     lines += [f"  {name:<16} {_first_doc_line(cls)}" for name, cls in EVALUATIONS.items()]
     lines.append("DataModules (data: <name>):")
@@ -218,6 +229,29 @@ def _first_doc_line(obj) -> str:
     return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
 
 
+@contextmanager
+def subcommand_teardown() -> Iterator[None]:
+    """Releases what a subcommand holds past its end: the run lock (always), and, when it ended
+    cleanly, the process group a torchrun or srun launch set up.
+
+    Lightning leaves the process group alive after ``fit``; its gloo threads then meet the
+    interpreter's shutdown, which now and then aborts a finished run ("terminate called without an
+    active exception", exit -6). After a failure the group is left alone: destroying it while other
+    ranks may still be in a collective can hang.
+    """
+    clean = False
+    try:
+        yield
+        clean = True
+    except SystemExit as exit_:  # Lightning's graceful SIGTERM exit has no code
+        clean = exit_.code in (None, 0)
+        raise
+    finally:
+        release_run_locks()
+        if clean and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(args: list[str] | None = None) -> SSLCLI | None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["list"]:
@@ -226,4 +260,5 @@ def main(args: list[str] | None = None) -> SSLCLI | None:
     if argv[:1] == ["export"]:
         export_command(argv[1:])
         return None
-    return SSLCLI(args=args)
+    with subcommand_teardown():
+        return SSLCLI(args=args)

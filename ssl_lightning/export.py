@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,71 @@ from torch import nn
 from ssl_lightning.backbones import build_backbone, feature_dim
 
 PREFIX = "backbone."
+WANTED = "pass a method checkpoint written by `fit` (e.g. <run>/checkpoints/last.ckpt)"
 
 
 def load_checkpoint(ckpt_path: str | Path) -> dict:
-    return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    """A method checkpoint written by ``fit``, read with ``weights_only=True``.
+
+    Export, ``load_backbone`` and the evaluations all read checkpoints here, so any other file is an
+    error that names it and says what it is: missing, not a checkpoint torch can read safely, a
+    checkpoint without ``state_dict``, an evaluation's checkpoint, or one without a backbone.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        kind = " (a directory, not a file)" if path.is_dir() else ""
+        raise FileNotFoundError(f"checkpoint not found: {path}{kind}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign or truncated files
+        # `from None`: torch's own message advises weights_only=False, unsafe for a file of unknown origin.
+        raise ValueError(f"{path} cannot be read as a checkpoint: {_why_unreadable(path, error)}; {WANTED}") from None
+    _check_method_checkpoint(checkpoint, path)
+    return checkpoint
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """torch.load's failure in a few words, without its advice to load unsafely."""
+    text = str(error)
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
+        return (f"it holds Python objects ({found[1]}), which a safe load (weights_only=True) refuses and "
+                "checkpoints from `fit` never hold")
+    if found := re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text):
+        return f"torch.load(weights_only=True) fails ({found[1]})"
+    lines = text.strip().splitlines()
+    first_sentence = lines[0].split(". ")[0] if lines else "no message"
+    return f"torch.load(weights_only=True) fails ({type(error).__name__}: {first_sentence})"
+
+
+def _check_method_checkpoint(checkpoint: Any, path: Path) -> None:
+    """Refuse what torch loaded unless it is a method's Lightning checkpoint with a backbone."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint; {WANTED}")
+    if "state_dict" not in checkpoint:
+        keys = ", ".join(sorted(map(str, checkpoint))[:8])
+        raise ValueError(
+            f"{path} has no 'state_dict' (keys: {keys}), so it is not a Lightning checkpoint (a bare state dict "
+            f"loads with load_state_dict into the module it came from); {WANTED}"
+        )
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "pretrained" in hparams:  # evaluations (LinearProbe, KNNEvaluation, FineTune) start from a method's
+        raise ValueError(
+            f"{path} is the checkpoint of an evaluation of {hparams['pretrained']}, not of a method: pass the "
+            "method checkpoint the evaluation started from"
+        )
+    if not any(key.startswith(PREFIX) for key in checkpoint["state_dict"]):
+        keys = ", ".join(list(checkpoint["state_dict"])[:5])
+        raise ValueError(
+            f"{path} is a Lightning checkpoint without a backbone: its state_dict has no '{PREFIX}' entries "
+            f"(it has {keys or 'none'}); {WANTED}"
+        )
 
 
 def builder_args(checkpoint: dict, ckpt_path: str | Path = "<checkpoint>") -> dict[str, Any]:
-    """The keyword arguments of :func:`build_backbone` that rebuild the checkpoint's backbone."""
+    """The keyword arguments of :func:`build_backbone` that rebuild the checkpoint's backbone (one that
+    :func:`load_checkpoint` accepted: a method's, with ``backbone.`` entries)."""
     hparams = checkpoint.get("hyper_parameters") or {}
     if "backbone" not in hparams:
         raise ValueError(

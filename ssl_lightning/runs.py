@@ -2,9 +2,10 @@
 
 A run lives in ``<root>/<run_name>``; its checkpoints sit in ``<root>/<run_name>/checkpoints``
 (and Lightning's SLURM requeue checkpoints, ``hpc_ckpt_<n>.ckpt``, in the run directory itself).
-A rerun resumes from the newest of them (by modification time) that loads: a file that fails to
-load (truncated, corrupt, or missing Lightning's keys) is named in a warning and the next older
-one is tried.
+A rerun resumes from the one with the highest ``global_step`` that loads, the newest file among
+equal steps: modification times alone would send a run back in time whenever an old file (an
+``interrupted.ckpt`` of an earlier launch) is touched after ``last.ckpt``. A file that fails to load
+(truncated, corrupt, or missing Lightning's keys) is named in a warning and passed over.
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ def load_wandb_run_id(run: str | Path) -> str | None:
 def step_checkpoint(run: str | Path, every_n_train_steps: int | None = None, keep: int = 2) -> ModelCheckpoint:
     """Keeps ``last.ckpt`` and the ``keep`` most recent ``step=N.ckpt`` files of a run.
 
-    ``every_n_train_steps=None`` saves at the end of each training epoch.
+    ``every_n_train_steps=None`` saves at the end of each training epoch. A name that exists is
+    overwritten (atomically, by ``AtomicCheckpointIO``): it is the same step of the same run, written
+    again after a resume from an earlier step or in a moved run directory, where Lightning's
+    version counter would add ``step=N-v1.ckpt`` and ``last-v1.ckpt`` beside the abandoned files.
     """
     return ModelCheckpoint(
         dirpath=checkpoint_dir(run), filename="{step}", monitor="step", mode="max", save_top_k=keep,
-        save_last=True, every_n_train_steps=every_n_train_steps,
+        save_last=True, every_n_train_steps=every_n_train_steps, enable_version_counter=False,
     )
 
 
@@ -61,34 +65,49 @@ class ResumePoint:
     path: Path
     step: int
     epoch: int
+    #: "<path> (why)" for each checkpoint written after ``path`` or not loadable, newest first
+    passed_over: tuple[str, ...] = ()
 
 
 def find_resume_checkpoint(run: str | Path) -> ResumePoint | None:
-    """The newest loadable checkpoint of a run, or None when the run has no checkpoint yet.
+    """The loadable checkpoint of a run with the highest step (the newest file among equal steps),
+    or None when the run has no checkpoint yet.
 
     Raises when checkpoints exist but none loads, rather than silently starting over.
     """
     directory = checkpoint_dir(run)
     # Lightning's SLURM auto-requeue writes hpc_ckpt_<n>.ckpt into the run directory itself.
     found = [*directory.glob("*.ckpt"), *Path(run).glob("hpc_ckpt_*.ckpt")]
-    candidates = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
-    if not candidates:
+    if not found:
         return None
-    for path in candidates:
+    mtimes = {path: path.stat().st_mtime for path in found}
+    newest_first = sorted(found, key=mtimes.get, reverse=True)
+    points, passed_over = [], {}
+    for path in newest_first:
         checkpoint, problem = load_resumable(path)
-        if checkpoint is not None:
-            return ResumePoint(path, int(checkpoint["global_step"]), int(checkpoint["epoch"]))
-        rank_zero_warn(f"Skipping checkpoint {path}: {problem}. Trying the previous one.")
-    raise RuntimeError(
-        f"None of the {len(candidates)} checkpoints in {directory} loads (see the warnings above). "
-        "Pass --ckpt_path to a good checkpoint, or move the directory away to start the run afresh."
-    )
+        if checkpoint is None:
+            rank_zero_warn(f"Skipping checkpoint {path}: {problem}.")
+            passed_over[path] = problem
+        else:
+            points.append(ResumePoint(path, int(checkpoint["global_step"]), int(checkpoint["epoch"])))
+    if not points:
+        raise RuntimeError(
+            f"None of the {len(found)} checkpoints in {directory} loads (see the warnings above). "
+            "Pass --ckpt_path to a good checkpoint, or move the directory away to start the run afresh."
+        )
+    chosen = max(points, key=lambda point: (point.step, mtimes[point.path]))
+    for point in points:
+        if mtimes[point.path] > mtimes[chosen.path]:
+            passed_over[point.path] = f"step {point.step}: an earlier step, written later"
+    notes = tuple(f"{path} ({passed_over[path]})" for path in newest_first if path in passed_over)
+    return ResumePoint(chosen.path, chosen.step, chosen.epoch, notes)
 
 
 def load_resumable(path: Path) -> tuple[dict | None, str | None]:
     """``(checkpoint, None)`` when ``path`` can be resumed from, else ``(None, why not)``."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors stay on disk, so reading the step of every candidate costs no memory
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
         return None, f"it does not load ({type(error).__name__}: {error})"
     if not isinstance(checkpoint, dict):

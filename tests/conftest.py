@@ -35,3 +35,14 @@ def method_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("method") / "method.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """``all_methods`` tests (the costliest paths for methods other than their family's
+    representative, see helpers/registry.py) run only when the marker expression names them."""
+    if "all_methods" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="a costly path for a non-representative method: run with -m all_methods")
+    for item in items:
+        if "all_methods" in item.keywords:
+            item.add_marker(skip)

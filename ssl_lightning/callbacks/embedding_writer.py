@@ -1,4 +1,4 @@
-"""Write the embeddings of a whole split to one ``.npz`` during ``predict``."""
+"""Write the predictions of a whole split (embeddings, logits) to one ``.npz`` during ``predict``."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from ssl_lightning.distributed import gather
 from ssl_lightning.metrics.knn import unique_by_index
 
-KEYS = ("feats", "embeds", "label", "index")
+#: what every ``predict_step`` returns besides its tensors of choice
+REQUIRED = ("label", "index")
 
 
 class EmbeddingWriter(BasePredictionWriter):
-    """Saves ``feats`` (backbone), ``embeds`` (projector), ``label`` and ``index`` of the un-augmented
-    ``split`` ("val" or "train") to ``output_path`` as a ``.npz`` (rows sorted by dataset index,
-    plus ``split``). A relative ``output_path`` lies in the run directory (``trainer.default_root_dir``).
+    """Saves every tensor ``predict_step`` returns for the un-augmented ``split`` ("val" or "train") to
+    ``output_path`` as a ``.npz``: a self-supervised method's ``feats`` (backbone) and ``embeds``
+    (projector), a classifier's ``feats``, ``logits`` and ``probs``, with ``label`` and ``index`` (rows
+    sorted by dataset index, plus ``split``). A relative ``output_path`` lies in the run directory
+    (``trainer.default_root_dir``).
 
     Rows are gathered across ranks, de-duplicated by ``index`` (DistributedSampler pads) and written
     by rank zero. Used with ``python -m ssl_lightning predict``; the method's ``predict_step`` returns
@@ -51,20 +54,23 @@ class EmbeddingWriter(BasePredictionWriter):
         self._rows = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        missing = [key for key in KEYS if key not in prediction]
+        missing = [key for key in REQUIRED if key not in prediction]
         if missing:
-            raise KeyError(f"EmbeddingWriter: predict_step must return {KEYS}; missing {missing}.")
-        self._rows.append({key: prediction[key].detach() for key in KEYS})
+            raise KeyError(f"EmbeddingWriter: predict_step must return {REQUIRED} with its tensors; missing {missing}.")
+        row = {key: value.detach() for key, value in prediction.items() if isinstance(value, torch.Tensor)}
+        if self._rows and row.keys() != self._rows[0].keys():
+            raise KeyError(f"EmbeddingWriter: predict_step returned {sorted(row)} after {sorted(self._rows[0])}.")
+        self._rows.append(row)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._rows:
             raise RuntimeError("EmbeddingWriter: no batches were predicted; nothing to write.")
-        columns = {key: gather(torch.cat([row[key] for row in self._rows])) for key in KEYS}
+        columns = {key: gather(torch.cat([row[key] for row in self._rows])) for key in self._rows[0]}
         self._rows = []
         index = columns["index"]
         # unique_by_index keeps the first row of each index, in index order.
-        arrays = dict(zip(KEYS, (t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
-                                 for t in unique_by_index(index, *columns.values()))))
+        arrays = dict(zip(columns, (t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
+                                    for t in unique_by_index(index, *columns.values()))))
         if trainer.is_global_zero:
             path = Path(trainer.default_root_dir) / self.output_path
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,9 @@ def check_view_count(method: str, expected: int | tuple[int, int], got: int) -> 
     low, high = (expected, expected) if isinstance(expected, int) else expected
     if not low <= got <= high:
         wanted = str(low) if low == high else f"{low} to {high}"
+        views = "view" if wanted == "1" else "views"
         raise ValueError(
-            f"{method} needs {wanted} views per image, but the DataModule's view recipe makes {got}. "
+            f"{method} needs {wanted} {views} per image, but the DataModule's view recipe makes {got}. "
             "Choose a matching recipe (e.g. data.views: supervised for one view, simclr for two-view methods, "
             "dino for multi-crop)."
         )

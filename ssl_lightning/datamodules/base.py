@@ -27,7 +27,7 @@ from ssl_lightning.datamodules.sampling import (
     seeded_rng,
     split_seeded_item,
 )
-from ssl_lightning.datamodules.sources import ImageSource
+from ssl_lightning.datamodules.sources import ImageSource, check_labels
 from ssl_lightning.datamodules.views import (
     MultiViewTransform,
     ViewSpec,
@@ -64,7 +64,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
     Training batches carry the recipe's views (global crops first, shuffled, `drop_last`). Their
     order and augmentations are functions of (seed, epoch, index) (see `sampling.py`), so a run
     resumed from a mid-epoch checkpoint continues with exactly the batches it would have seen;
-    validation batches carry one un-augmented view. After `request_knn_bank()` (the kNN callback
+    validation (and `test`) batches carry one un-augmented view. After `request_knn_bank()` (the kNN callback
     calls it in its setup), `val_dataloader()` returns `[val, bank]`, the bank being the training
     split through the same un-augmented view, in order. Properties are readable right after
     `__init__`, before `setup`.
@@ -230,7 +230,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
                     self._datasets["train"] = FixedSizeImages(train, self.image_size)
             else:
                 self._datasets["train"] = ViewDataset(train, MultiViewTransform(self.view_specs, self.mean, self.std))
-        if stage in ("fit", "validate"):
+        if stage in ("fit", "validate", "test"):
             val = self._load_images("val")
             self._datasets["val"] = None if val is None else self._plain_dataset(self._require_images(val, "val"))
 
@@ -283,6 +283,13 @@ class ViewDataModule(L.LightningDataModule, ABC):
         if self._images_in_memory is not None and "image" not in batch:
             batch = {**batch, "image": self._images_in_memory.gather(batch["index"])}
         return make_views_on_device(batch, self.device_views) if "image" in batch else batch
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split (the one validation uses; CIFAR's and STL-10's official test sets), un-augmented."""
+        val = self._dataset("val", "test")
+        if val is None:
+            raise ValueError(f"{type(self).__name__} has no held-out split to test on (its val split is absent).")
+        return self._plain_loader(val)
 
     def predict_dataloader(self) -> DataLoader:
         return self.plain_dataloader(self.predict_split)
@@ -337,6 +344,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
     def _require_images(self, images: ImageSource, split: Split) -> ImageSource:
         if len(images) == 0:
             raise ValueError(f"{type(self).__name__}: the {split} split is empty (0 images)")
+        check_labels(images, self.num_classes, f"{type(self).__name__} {split} split")
         return images
 
     def _check_batch_fits(self, num_train: int) -> None:

@@ -46,6 +46,21 @@ def sample_crop_boxes(
     return torch.stack([top, left, h, w], dim=1)
 
 
+def sample_padded_crop_boxes(
+    n: int, height: int, width: int, size: int, padding: int, *, device=None, generator=None
+) -> torch.Tensor:
+    """RandomCrop(size, padding) boxes as an (n, 4) float tensor of (top, left, size, size), in the
+    coordinates of the image padded by `padding` on every side: offsets uniform over the admissible
+    range, as torchvision's `torch.randint(0, padded - size + 1)` per axis."""
+    padded_h, padded_w = height + 2 * padding, width + 2 * padding
+    if size > min(padded_h, padded_w):
+        raise ValueError(f"a {size}-px crop does not fit a {height}x{width} image padded by {padding}")
+    top = (_uniform(n, 0.0, 1.0, device, generator) * (padded_h - size + 1)).floor()
+    left = (_uniform(n, 0.0, 1.0, device, generator) * (padded_w - size + 1)).floor()
+    sides = torch.full_like(top, float(size))
+    return torch.stack([top, left, sides, sides], dim=1)
+
+
 def _central_crop_size(height: int, width: int) -> tuple[int, int]:
     in_ratio = width / height
     if in_ratio < min(CROP_RATIO):

@@ -1,7 +1,8 @@
 """Device-side views: a view recipe applied to a uint8 batch after transfer, per-sample parameters.
 
 `DeviceViews(specs, mean, std)(images)` does what `MultiViewTransform` does per image on the CPU,
-for a whole BxCxHxW uint8 batch at once: random resized crop (torchvision's rejection sampling),
+for a whole BxCxHxW uint8 batch at once: random resized crop (torchvision's rejection sampling) or
+padded random crop,
 horizontal flip, colour jitter in a random order per sample, grayscale, Gaussian blur, solarize,
 then normalisation. Parameters come from `device_params` (torchvision v2's distributions); the
 only loops are over views and the four jitter slots, never over images.
@@ -24,6 +25,7 @@ from ssl_lightning.datamodules.device_params import (
     sample_crop_boxes,
     sample_jitter,
     sample_mask,
+    sample_padded_crop_boxes,
     sample_sigma,
 )
 from ssl_lightning.datamodules.views import ViewSpec, blur_kernel_size
@@ -215,7 +217,11 @@ def sample_view_params(
     """The per-sample random parameters of one view of `n` images of height x width drawn with `spec`
     (only those of the ops `spec` applies), in a fixed order of draws."""
     kw = {"device": device, "generator": generator}
-    params = {"boxes": sample_crop_boxes(n, height, width, spec.crop_scale, **kw), "flip": sample_mask(n, spec.flip_p, **kw)}
+    if spec.crop_padding:  # boxes in the padded image's coordinates (see draw_views)
+        boxes = sample_padded_crop_boxes(n, height, width, spec.crop_size, spec.crop_padding, **kw)
+    else:
+        boxes = sample_crop_boxes(n, height, width, spec.crop_scale, **kw)
+    params = {"boxes": boxes, "flip": sample_mask(n, spec.flip_p, **kw)}
     if spec.jitter_p > 0:
         params["jitter_factors"], params["jitter_order"] = sample_jitter(
             n, spec.brightness, spec.contrast, spec.saturation, spec.hue, **kw
@@ -258,6 +264,8 @@ def draw_views(
     """`spec.num` normalised views of each uint8 image, stacked view after view (what `DeviceViews`
     compiles: from the uint8 batch to the normalised views, one function of tensors)."""
     pixels = images.float().div(255).repeat(spec.num, 1, 1, 1)
+    if spec.crop_padding:  # torchvision's RandomCrop pads with zeros, then crops without rescaling
+        pixels = F.pad(pixels, (spec.crop_padding,) * 4)
     return (render_view(pixels, params, spec, blend) - mean) / std
 
 

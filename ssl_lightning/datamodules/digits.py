@@ -18,6 +18,7 @@ from ssl_lightning.datamodules.sources import (
 )
 
 STORED_SIZE = 32  # 8x8 is too small for strided backbones and random crops; upsampled once, not per view
+ORIGIN = "scikit-learn's load_digits"
 
 
 def load_digit_splits() -> dict[str, TensorImages]:
@@ -32,8 +33,8 @@ def load_digit_splits() -> dict[str, TensorImages]:
         torch.arange(len(labels)).numpy(), test_size=0.2, stratify=labels.numpy(), random_state=0
     )
     return {
-        "train": TensorImages(images[train_idx], labels[train_idx]),
-        "val": TensorImages(images[val_idx], labels[val_idx]),
+        "train": TensorImages(images[train_idx], labels[train_idx], origin=ORIGIN),
+        "val": TensorImages(images[val_idx], labels[val_idx], origin=ORIGIN),
     }
 
 

@@ -7,7 +7,9 @@ silently left out; hidden files and folders (names starting with ".") are ignore
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -17,9 +19,15 @@ from torchvision.transforms.v2 import functional as F
 
 from ssl_lightning.datamodules.sources import UNLABELLED
 
+#: files each decoding thread takes at a time (one future per file would cost more than the files)
+DECODE_CHUNK = 256
+#: skipped files a warning names; the rest are counted
+NAMED_IN_WARNING = 5
+
 
 @dataclass(frozen=True)
 class FolderListing:
+    root: Path
     paths: list[Path]
     labels: list[int]
     classes: list[str] | None  # None: a flat folder of unlabelled images
@@ -53,7 +61,7 @@ def list_image_folder(root: Path, classes: list[str] | None = None) -> FolderLis
         )
     if not subdirs:
         paths = [root / name for name in loose]
-        listing = FolderListing(paths, [UNLABELLED] * len(paths), None)
+        listing = FolderListing(root, paths, [UNLABELLED] * len(paths), None)
     else:
         numbering = classes or subdirs
         unknown = sorted(set(subdirs) - set(numbering))
@@ -65,34 +73,62 @@ def list_image_folder(root: Path, classes: list[str] | None = None) -> FolderLis
             files = _files_below(str(root / name))
             paths += files
             labels += [index[name]] * len(files)
-        listing = FolderListing(paths, labels, list(numbering))
+        listing = FolderListing(root, paths, labels, list(numbering))
     if not listing.paths:
         raise ValueError(f"image folder {root} is empty: no image files found")
     return listing
 
 
-def check_image_headers(listing: FolderListing, skip_corrupt: bool) -> FolderListing:
-    """Open each file's header with PIL (cheap: pixels are not decoded) to catch non-images early."""
-    bad: list[tuple[Path, str]] = []
-    for path in listing.paths:
-        try:
-            with Image.open(path):
-                pass
-        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
-            if not skip_corrupt:
-                raise ValueError(
-                    f"cannot read {path} as an image ({err}); remove it or pass skip_corrupt=True"
-                ) from err
-            bad.append((path, str(err)))
+def header_problem(path: Path) -> str | None:
+    """Why PIL cannot open the file's header (cheap: no pixels are decoded), or None."""
+    try:
+        with Image.open(path):
+            return None
+    except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        return str(err)
+
+
+def decode_problem(path: Path) -> str | None:
+    """Why the file's pixels do not decode (a truncated JPEG passes the header check), or None."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return None
+    except (OSError, ValueError) as err:
+        return str(err)
+
+
+def decode_problems(paths: list[Path], threads: int) -> list[str | None]:
+    """``decode_problem`` of every file, on ``threads`` threads: Pillow releases the GIL while it decodes."""
+    chunks = [paths[i : i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return list(chain.from_iterable(pool.map(lambda chunk: [decode_problem(path) for path in chunk], chunks)))
+
+
+def check_image_files(listing: FolderListing, skip_corrupt: bool, threads: int = 1) -> FolderListing:
+    """Catch bad files at setup. Without ``skip_corrupt`` each header is opened (cheap) and the first
+    file that is not an image is an error naming it; a file whose header is whole but whose pixels
+    are broken fails later, when a DataLoader worker decodes it. With ``skip_corrupt`` every file is
+    decoded in full (about one epoch of decoding, on ``threads`` threads) and each one that fails is
+    left out, all named in one warning (the first few by name, the rest counted)."""
+    if not skip_corrupt:
+        for path in listing.paths:
+            problem = header_problem(path)
+            if problem is not None:
+                raise ValueError(f"cannot read {path} as an image ({problem}); remove it or pass skip_corrupt=True")
+        return listing
+    problems = decode_problems(listing.paths, threads)
+    bad = [(path, problem) for path, problem in zip(listing.paths, problems) if problem is not None]
     if not bad:
         return listing
-    rank_zero_warn(f"skipping {len(bad)} unreadable file(s): " + ", ".join(str(path) for path, _ in bad))
-    skipped = {path for path, _ in bad}
-    kept = [(path, label) for path, label in zip(listing.paths, listing.labels) if path not in skipped]
+    named = ", ".join(str(path) for path, _ in bad[:NAMED_IN_WARNING])
+    more = f" and {len(bad) - NAMED_IN_WARNING} more" if len(bad) > NAMED_IN_WARNING else ""
+    rank_zero_warn(f"skipping {len(bad)} unreadable file(s): {named}{more}. First error: {bad[0][1]}")
+    kept = [(path, label) for path, label, problem in zip(listing.paths, listing.labels, problems) if problem is None]
     if not kept:
-        raise ValueError(f"no readable image left after skipping {len(bad)} unreadable file(s)")
+        raise ValueError(f"no readable image left in {listing.root} after skipping {len(bad)} unreadable file(s)")
     paths, labels = (list(column) for column in zip(*kept))
-    return FolderListing(paths, labels, listing.classes)
+    return replace(listing, paths=paths, labels=labels)
 
 
 class FileImages:
@@ -101,7 +137,7 @@ class FileImages:
     def __init__(self, listing: FolderListing, in_chans: int) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3 for image files, got {in_chans}")
-        self.paths, self.labels = listing.paths, listing.labels
+        self.paths, self.labels, self.origin = listing.paths, listing.labels, str(listing.root)
         self.mode = "L" if in_chans == 1 else "RGB"
 
     def __len__(self) -> int:
@@ -113,5 +149,8 @@ class FileImages:
             with Image.open(path) as image:
                 pixels = F.pil_to_tensor(image.convert(self.mode))
         except (OSError, ValueError) as err:  # a file whose header passed but whose data is broken
-            raise OSError(f"cannot decode image {path}: {err}") from err
+            raise OSError(
+                f"cannot decode image {path}: {err}. Setup reads only the headers of image files; remove the "
+                "file, or pass skip_corrupt=True to decode every file at setup and leave out those that fail."
+            ) from err
         return pixels, self.labels[index]

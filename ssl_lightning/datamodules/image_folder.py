@@ -9,7 +9,7 @@ from ssl_lightning.datamodules.base import Split, ViewDataModule
 from ssl_lightning.datamodules.image_files import (
     FileImages,
     FolderListing,
-    check_image_headers,
+    check_image_files,
     list_image_folder,
 )
 from ssl_lightning.datamodules.sources import (
@@ -27,9 +27,12 @@ class ImageFolder(ChannelStatsFromData, ViewDataModule):
     Each folder is either `<dir>/<class>/**/<image>` (labels numbered by sorted class name of
     `train_dir`) or a flat `<dir>/<image>` (label -1). Files are decoded with PIL and converted to
     RGB (in_chans=3) or grayscale (in_chans=1). At setup every file's header is opened: a file
-    PIL cannot identify raises an error naming it, or, with `skip_corrupt=True`, is left out with
-    one warning listing all such files. mean/std, unless given, are estimated from up to 512 evenly
-    spaced training images; image_size (default 224) is the side of the global views.
+    PIL cannot identify raises an error naming it. A file whose header is whole but whose pixels
+    are not (a truncated JPEG) fails when a DataLoader worker decodes it, with an error naming it.
+    With `skip_corrupt=True` setup decodes every file in full instead (on `num_workers` threads;
+    about one epoch of decoding) and leaves out each that fails, with one warning that counts them
+    and names the first few. mean/std, unless given, are estimated from up to 512 evenly spaced
+    training images; image_size (default 224) is the side of the global views.
     """
 
     # Files come in any size, so `view_device: auto` keeps views per image (random crops of the
@@ -78,13 +81,14 @@ class ImageFolder(ChannelStatsFromData, ViewDataModule):
         return DEFAULT_IMAGE_SIZE
 
     def _images(self, folder: str) -> FileImages:
-        """Listed and header-checked once per folder; the kNN bank reuses the training files."""
+        """Listed and checked once per folder; the kNN bank reuses the training files."""
         if folder not in self._checked:
             if folder == "train":
                 listing = self._train_listing
             else:
                 listing = list_image_folder(self.val_dir, classes=self._train_listing.classes)
-            self._checked[folder] = FileImages(check_image_headers(listing, self.skip_corrupt), self.in_chans)
+            checked = check_image_files(listing, self.skip_corrupt, threads=self.num_workers)
+            self._checked[folder] = FileImages(checked, self.in_chans)
         return self._checked[folder]
 
     def _load_images(self, split: Split) -> FileImages | None:

@@ -49,7 +49,7 @@ def _array_images(path: Path, images: np.ndarray, labels: np.ndarray, key: str) 
         )
     tensor = torch.from_numpy(images)
     tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
-    return TensorImages(tensor, torch.from_numpy(labels.astype(np.int64)))
+    return TensorImages(tensor, torch.from_numpy(labels.astype(np.int64)), origin=str(path))
 
 
 def _jpeg_images(path: Path, npz: np.lib.npyio.NpzFile) -> tuple[JpegBytesImages, JpegBytesImages]:
@@ -65,6 +65,7 @@ def _jpeg_images(path: Path, npz: np.lib.npyio.NpzFile) -> tuple[JpegBytesImages
             torch.from_numpy(npz[f"{split}_offsets"]),
             torch.from_numpy(npz[f"{split}_labels"]),
             in_chans,
+            origin=str(path),
         )
         for split in ("train", "test")
     )
@@ -110,9 +111,9 @@ class NpzArrays(ChannelStatsFromData, ViewDataModule):
     grayscale; integer labels, -1 = unlabelled), or packed JPEG files `<split>_jpeg` (all bytes
     concatenated), `<split>_offsets` (N+1 int64) and `<split>_labels` for split train and test,
     decoded per item with torchvision.io.decode_jpeg. Validation uses the test split. num_classes is
-    len(`classes`) when the file has that key, else the largest label + 1. in_chans and image_size
-    come from the first training image. mean/std, unless given, are estimated from up to 10,000
-    evenly spaced training images.
+    len(`classes`) when the file has that key (a label beyond it is an error at setup), else the
+    largest label + 1. in_chans and image_size come from the first training image. mean/std, unless
+    given, are estimated from up to 10,000 evenly spaced training images.
     """
 
     def __init__(

@@ -6,7 +6,7 @@ transforms then only ever see uint8 tensors. Label -1 marks an unlabelled image.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Protocol
 
@@ -17,20 +17,45 @@ UNLABELLED = -1
 
 
 class ImageSource(Protocol):
+    #: one label per image, readable without decoding any image (checked against num_classes at setup)
+    labels: torch.Tensor | Sequence[int]
+    #: where the images come from (a file, a folder), for error messages
+    origin: str
+
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
 
 
+def check_labels(source: ImageSource, num_classes: int | None, owner: str) -> None:
+    """Refuse labels outside 0..num_classes-1 and -1 (unlabelled) before training, naming the largest
+    (or smallest) one; without this a bad label surfaces only as an index error in the first loss."""
+    if num_classes is None or len(source.labels) == 0:
+        return
+    labels = torch.as_tensor(source.labels)
+    low, high = int(labels.min()), int(labels.max())
+    if high >= num_classes:
+        bad = high
+    elif low < UNLABELLED:
+        bad = low
+    else:
+        return
+    raise ValueError(
+        f"{owner} ({source.origin}) holds label {bad} but num_classes is {num_classes}: labels must lie in "
+        f"0..{num_classes - 1}, or be -1 for unlabelled images. Fix the labels, or the list of classes the "
+        "dataset declares."
+    )
+
+
 class TensorImages:
     """Images held in memory as one uint8 NxCxHxW tensor (a strided view of NHWC storage is fine)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, origin: str = "images in memory") -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be a uint8 NxCxHxW tensor, got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels = images, labels.long()
+        self.images, self.labels, self.origin = images, labels.long(), origin
 
     def __len__(self) -> int:
         return len(self.images)
@@ -42,10 +67,13 @@ class TensorImages:
 class JpegBytesImages:
     """JPEG files packed into one byte array: image i is bytes offsets[i]:offsets[i+1]; decoded per item."""
 
-    def __init__(self, data: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor, in_chans: int) -> None:
+    def __init__(
+        self, data: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor, in_chans: int,
+        origin: str = "JPEG bytes in memory",
+    ) -> None:
         if len(offsets) != len(labels) + 1:
             raise ValueError(f"offsets must hold one entry more than labels; got {len(offsets)} and {len(labels)}")
-        self.data, self.offsets, self.labels = data, offsets.long(), labels.long()
+        self.data, self.offsets, self.labels, self.origin = data, offsets.long(), labels.long(), origin
         self.mode = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
 
     def __len__(self) -> int:

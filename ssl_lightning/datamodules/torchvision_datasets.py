@@ -55,6 +55,11 @@ class _TorchvisionDataModule(ViewDataModule):
             self._opened[key] = open_torchvision_dataset(self.dataset_class, self.data_dir, download=False, **kwargs)
         return self._opened[key]
 
+    def _tensor_images(self, images: torch.Tensor, labels: torch.Tensor, split: str) -> TensorImages:
+        """A split's images and labels, named by folder and split for error messages."""
+        folder = Path(self.data_dir).expanduser() / self.dataset_class.base_folder
+        return TensorImages(images, labels, origin=f"{folder}, {split}")
+
 
 class _CIFARDataModule(_TorchvisionDataModule):
     """CIFAR-10 and -100 share layout and size; they differ in class count and statistics."""
@@ -92,7 +97,7 @@ class _CIFARDataModule(_TorchvisionDataModule):
         train = split != "val"
         dataset = self._open(f"train={train}", train=train)
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # NHWC storage, NCHW view
-        return TensorImages(images, torch.as_tensor(dataset.targets))
+        return self._tensor_images(images, torch.as_tensor(dataset.targets), f"train={train}")
 
 
 class CIFAR10(_CIFARDataModule):
@@ -166,4 +171,4 @@ class STL10(_TorchvisionDataModule):
     def _load_images(self, split: Split) -> TensorImages:
         stl_split = {"train": self.train_split, "val": "test", "bank": "train"}[split]
         dataset = self._open(stl_split, split=stl_split)
-        return TensorImages(torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels))
+        return self._tensor_images(torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels), stl_split)

@@ -20,9 +20,11 @@ which need RGB):
   blur p 1.0; global 2: blur p 0.1, solarize p 0.2) and 6 local crops at round(image_size * 96 / 224)
   with scale (0.05, 0.4) and blur p 0.5; jitter 0.4/0.4/0.2/0.1 p 0.8, grayscale 0.2, flip 0.5.
   Blur is off below 64 px, as for BYOL.
-- ``supervised``: 1 view, random resized crop with scale (0.08, 1) and flip 0.5, nothing else: the
-  standard supervised ImageNet / CIFAR training view (torchvision's reference recipe), and the base
-  of MAE's and BEiT's fine-tuning views (which add RandAugment, not implemented here).
+- ``supervised``: 1 view, flip 0.5 and a crop, nothing else: below 64 px, zero padding of 1/8 of
+  the image (4 px at 32) and a random crop back to image_size (the standard CIFAR training view of
+  the ResNet papers and of the ~95 % CIFAR-10 recipes); from 64 px, random resized crop with scale
+  (0.08, 1) (torchvision's ImageNet reference recipe, the base of MAE's and BEiT's fine-tuning
+  views, which add RandAugment, not implemented here).
 - ``none``: 1 view, no augmentation (resize to image_size); also the validation and kNN-bank view.
 
 Blur uses sigma in (0.1, 2.0) and a kernel of about 10 % of the crop size, made odd (at least 3).
@@ -39,6 +41,8 @@ from torchvision.transforms import v2
 
 # Blur helps on ImageNet-sized crops but hurts on 32-px images (SimCLR appendix B.9, solo-learn CIFAR).
 MIN_SIZE_FOR_BLUR = 64
+# Supervised training crops: padded random crops below this size (CIFAR), random resized crops from it.
+MIN_SIZE_FOR_RESIZED_CROP = 64
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,17 @@ class ViewSpec:
 
     `crop_scale=None` means "no augmentation": the image is resized (shorter side) and centre-cropped
     to crop_size, and every other field is ignored. Otherwise the order is torchvision's usual one:
-    random resized crop, flip, colour jitter, grayscale, blur, solarize. On 1-channel images
+    random resized crop, flip, colour jitter, grayscale, blur, solarize. `crop_padding > 0` replaces
+    the random resized crop by torchvision's `RandomCrop(crop_size, padding=crop_padding)` on the
+    image resized to crop_size: zero padding on every side, then a crop of crop_size at a uniform
+    offset, no rescaling (CIFAR's training crop); crop_scale is then unused. On 1-channel images
     torchvision treats saturation, hue and grayscale as no-ops; the presets set them to 0 there.
     """
 
     num: int = 1
     crop_size: int | None = None
     crop_scale: tuple[float, float] | None = (0.08, 1.0)
+    crop_padding: int = 0
     flip_p: float = 0.5
     jitter_p: float = 0.8
     brightness: float = 0.4
@@ -72,6 +80,10 @@ class ViewSpec:
             raise ValueError(f"ViewSpec.crop_size must be positive or None, got {self.crop_size}")
         if self.crop_scale is not None and not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ValueError(f"ViewSpec.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.crop_padding < 0:
+            raise ValueError(f"ViewSpec.crop_padding must be >= 0 (0: random resized crop), got {self.crop_padding}")
+        if self.crop_padding and self.crop_scale is None:
+            raise ValueError("ViewSpec: crop_padding needs an augmenting view; crop_scale=None means no augmentation")
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ViewSpec.{name} is a probability in [0, 1], got {getattr(self, name)}")
@@ -116,7 +128,9 @@ def dino_views(image_size: int, in_chans: int, num_local: int = 6) -> list[ViewS
 
 
 def supervised_views(image_size: int, in_chans: int) -> list[ViewSpec]:
-    return [ViewSpec(jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale_p=0.0)]
+    padding = image_size // 8 if image_size < MIN_SIZE_FOR_RESIZED_CROP else 0
+    no_colour = {"jitter_p": 0.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0}
+    return [ViewSpec(crop_padding=padding, **no_colour)]
 
 
 def plain_views(image_size: int, in_chans: int) -> list[ViewSpec]:
@@ -164,10 +178,14 @@ def build_view_transform(
     size = spec.crop_size
     if size is None:
         raise ValueError("build_view_transform needs a resolved spec (crop_size set); use resolve_views")
+    plain = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     if not spec.augments:
-        steps: list = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+        steps: list = plain
     else:
-        steps = [v2.RandomResizedCrop(size, scale=spec.crop_scale, antialias=True)]
+        if spec.crop_padding:
+            steps = [*plain, v2.RandomCrop(size, padding=spec.crop_padding)]
+        else:
+            steps = [v2.RandomResizedCrop(size, scale=spec.crop_scale, antialias=True)]
         if spec.flip_p > 0:
             steps.append(v2.RandomHorizontalFlip(spec.flip_p))
         if spec.jitter_p > 0:

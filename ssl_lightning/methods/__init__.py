@@ -1,13 +1,17 @@
 """Methods: one small LightningModule per method, one folder per family (docs/architecture.md)."""
 
 from ssl_lightning import _moved
-from ssl_lightning.methods import ssl
+from ssl_lightning.methods import ssl, supervised
 from ssl_lightning.methods.ssl import BYOL, BarlowTwins, SimCLR, SSLMethod
+from ssl_lightning.methods.supervised import Classifier, SupervisedMethod
 
-__all__ = ["BYOL", "FAMILIES", "METHODS", "BarlowTwins", "SSLMethod", "SimCLR"]
+__all__ = [
+    "BYOL", "FAMILIES", "METHODS", "BarlowTwins", "Classifier", "SSLMethod", "SimCLR", "SupervisedMethod",
+]
 
-#: each family's methods by short name
-FAMILIES: dict[str, dict[str, type]] = {"ssl": ssl.METHODS}
+#: each family's methods by short name: "ssl" (self-supervised, ``SSLMethod``), "supervised"
+#: (classification and distillation, ``SupervisedMethod``)
+FAMILIES: dict[str, dict[str, type]] = {"ssl": ssl.METHODS, "supervised": supervised.METHODS}
 
 #: every method by short name (``model: BarlowTwins``): the CLI's names, ``python -m ssl_lightning
 #: list``, the benchmarks, and every per-method test read this registry

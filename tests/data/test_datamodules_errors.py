@@ -4,10 +4,14 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from ssl_lightning.datamodules import CIFAR10, CIFAR100, STL10, Digits, ImageFolder, NpzArrays
+from ssl_lightning.datamodules import CIFAR10, CIFAR100, STL10, Digits, ImageFolder, NpzArrays, ViewDataModule
 from ssl_lightning.datamodules.image_files import FileImages, list_image_folder
+from ssl_lightning.datamodules.sources import TensorImages
+
+from helpers.image_data import random_images, write_folder, write_truncated_jpeg
 
 
 def write_pngs(folder, count, size=8):
@@ -135,3 +139,75 @@ def test_missing_npz_file_names_the_path_and_the_layouts(tmp_path):
 def test_dataloader_before_setup_says_to_run_setup():
     with pytest.raises(RuntimeError, match=r"setup\('fit'\) must run before the train dataloader"):
         Digits(num_workers=0).train_dataloader()
+
+
+def write_labelled_npz(path, labels, classes):
+    images = random_images(len(labels), 8, 3)
+    np.savez(path, x_train=images, y_train=np.array(labels), x_test=images[:2], y_test=np.array(labels[:2]),
+             classes=np.array(classes))
+    return path
+
+
+def test_npz_labels_beyond_its_classes_are_refused_at_setup_naming_file_label_and_count(tmp_path):
+    path = write_labelled_npz(tmp_path / "d.npz", labels=[0, 1, 2, 3, 4], classes=["a", "b"])
+    datamodule = NpzArrays(str(path), batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*holds label 4 but num_classes is 2"):
+        datamodule.setup("fit")
+
+
+def test_npz_labels_below_minus_one_are_refused(tmp_path):
+    path = write_labelled_npz(tmp_path / "d.npz", labels=[0, 1, -3, 1], classes=["a", "b"])
+    with pytest.raises(ValueError, match=r"holds label -3.*-1 for unlabelled"):
+        NpzArrays(str(path), batch_size=2, num_workers=0).setup("fit")
+
+
+def test_unlabelled_images_pass_the_label_check(tmp_path):
+    path = write_labelled_npz(tmp_path / "d.npz", labels=[-1, 0, 1, -1], classes=["a", "b"])
+    datamodule = NpzArrays(str(path), batch_size=2, num_workers=0)
+    datamodule.setup("fit")
+    assert datamodule.num_classes == 2 and len(datamodule.train_dataloader().dataset) == 4
+
+
+class TwoClassesHoldingLabelTwo(ViewDataModule):
+    """Any DataModule that states num_classes: the check lives in ViewDataModule's setup."""
+
+    num_classes, in_chans, native_image_size, mean, std = 2, 1, 8, (0.5,), (0.5,)
+
+    def _load_images(self, split):
+        return TensorImages(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 2, 1]), origin="here")
+
+
+def test_every_datamodule_checks_its_labels_against_num_classes_at_setup():
+    expected = r"TwoClassesHoldingLabelTwo train split \(here\) holds label 2 but num_classes is 2"
+    with pytest.raises(ValueError, match=expected):
+        TwoClassesHoldingLabelTwo(batch_size=2, num_workers=0).setup("fit")
+
+
+def test_skip_corrupt_decodes_every_file_and_skips_a_truncated_jpeg(tmp_path):
+    train = write_folder(tmp_path / "train", ["a"], per_class=4, size=8)
+    write_truncated_jpeg(train / "a" / "cut.jpg")
+    datamodule = ImageFolder(str(train), image_size=8, batch_size=2, num_workers=0, skip_corrupt=True,
+                             mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable file\(s\).*cut\.jpg.*truncated"):
+        datamodule.setup("fit")
+    assert len(datamodule.train_dataloader().dataset) == 4
+
+
+def test_skip_corrupt_warning_names_the_first_few_files_and_counts_the_rest(tmp_path):
+    train = write_folder(tmp_path / "train", None, per_class=2, size=8)
+    for i in range(7):
+        (train / f"broken{i}.jpg").write_bytes(b"not a jpeg")
+    datamodule = ImageFolder(str(train), image_size=8, batch_size=2, num_workers=0, skip_corrupt=True)
+    with pytest.warns(UserWarning, match=r"skipping 7 unreadable file\(s\).*broken4\.jpg and 2 more") as record:
+        datamodule.setup("fit")
+    assert "broken5" not in str(record[0].message)
+
+
+def test_truncated_jpeg_without_skip_corrupt_fails_in_the_worker_naming_the_file_and_the_remedy(tmp_path):
+    train = write_folder(tmp_path / "train", ["a"], per_class=2, size=8)
+    write_truncated_jpeg(train / "a" / "cut.jpg")
+    datamodule = ImageFolder(str(train), image_size=8, batch_size=3, num_workers=1, drop_last=False,
+                             persistent_workers=False, mean=(0.5,) * 3, std=(0.5,) * 3)
+    datamodule.setup("fit")  # headers only, by design: a full decode at setup is the skip_corrupt option
+    with pytest.raises(OSError, match=r"cannot decode image .*cut\.jpg.*skip_corrupt=True"):
+        list(datamodule.train_dataloader())

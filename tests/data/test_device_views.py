@@ -13,7 +13,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.datamodules import device_views as dv
-from ssl_lightning.datamodules.device_params import sample_crop_boxes, sample_jitter, sample_mask, sample_sigma
+from ssl_lightning.datamodules.device_params import (
+    sample_crop_boxes,
+    sample_jitter,
+    sample_mask,
+    sample_padded_crop_boxes,
+    sample_sigma,
+)
 from ssl_lightning.datamodules.views import resolve_views
 from ssl_lightning.methods import SimCLR
 
@@ -47,6 +53,28 @@ def test_crop_boxes_follow_torchvision_random_resized_crop(height, width, scale)
     expected, got = _box_stats(reference, height, width), _box_stats(ours, height, width)
     for name in expected:
         assert ks_2samp(expected[name].numpy(), got[name].numpy()).pvalue > P_MIN, name
+
+
+def test_padded_crop_offsets_are_uniform_like_torchvision_random_crop():
+    boxes = sample_padded_crop_boxes(DRAWS, 32, 32, 32, 4, generator=torch.Generator().manual_seed(0))
+    assert (boxes[:, 2:] == 32).all()
+    for offsets in (boxes[:, 0], boxes[:, 1]):
+        counts = torch.bincount(offsets.long(), minlength=9)
+        assert len(counts) == 9 and (counts > 0).all()  # 0..8: every offset of a 40-px padded image
+        expected = torch.randint(0, 9, (DRAWS,), generator=torch.Generator().manual_seed(1))
+        assert ks_2samp(offsets.numpy(), expected.numpy()).pvalue > P_MIN
+
+
+def test_a_padded_device_view_is_the_window_of_the_zero_padded_image_its_box_names():
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    (spec,) = resolve_views([dv.ViewSpec(crop_padding=3, jitter_p=0.0, grayscale_p=0.0)], 16, 3)
+    params = dv.sample_view_params(6, 16, 16, spec, torch.device("cpu"), torch.Generator().manual_seed(0))
+    views = dv.draw_views(images, params, spec, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), blend=False)
+    padded = torch.nn.functional.pad(images.float() / 255, (3, 3, 3, 3))
+    for view, (top, left, _, _), flip, image in zip(views, params["boxes"].long().tolist(), params["flip"], padded):
+        window = image[:, top:top + 16, left:left + 16]
+        # bilinear sampling at exact pixel centres, up to grid_sample's coordinate rounding
+        torch.testing.assert_close(view, window.flip(-1) if flip else window, rtol=0, atol=1e-5)
 
 
 def test_jitter_factors_and_order_follow_torchvision_color_jitter():

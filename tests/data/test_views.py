@@ -20,10 +20,28 @@ def test_preset_names_are_exactly_the_five_documented_ones():
     assert list(VIEW_PRESETS) == ["simclr", "byol", "dino", "supervised", "none"]
 
 
-def test_supervised_view_is_a_random_resized_crop_and_flip_only():
-    (spec,) = resolve_views("supervised", 32, 3)
-    assert (spec.crop_size, spec.crop_scale, spec.flip_p) == (32, (0.08, 1.0), 0.5)
-    assert (spec.jitter_p, spec.grayscale_p, spec.blur_p, spec.solarize_p) == (0.0, 0.0, 0.0, 0.0)
+def test_supervised_view_is_cifars_padded_crop_below_64_px_and_a_random_resized_crop_from_it():
+    (small,), (large,) = resolve_views("supervised", 32, 3), resolve_views("supervised", 224, 3)
+    assert (small.crop_size, small.crop_padding, small.flip_p) == (32, 4, 0.5)
+    assert (large.crop_size, large.crop_padding, large.crop_scale, large.flip_p) == (224, 0, (0.08, 1.0), 0.5)
+    for spec in (small, large):
+        assert (spec.jitter_p, spec.grayscale_p, spec.blur_p, spec.solarize_p) == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_a_padded_crop_is_a_window_of_the_zero_padded_image():
+    torch.manual_seed(0)
+    image = torch.randint(1, 256, (3, 16, 16), dtype=torch.uint8)  # no zero pixel: padding shows
+    spec = resolve_views([ViewSpec(crop_padding=2, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)], 16, 3)
+    padded = torch.nn.functional.pad(image.float() / 255, (2, 2, 2, 2))
+    offsets = [(top, left) for top in range(5) for left in range(5)]
+    windows = torch.stack([padded[:, top:top + 16, left:left + 16] for top, left in offsets])
+    transform = MultiViewTransform(spec, mean=(0.0,) * 3, std=(1.0,) * 3)
+    # a given offset is missed with probability (24/25)^400 < 1e-7
+    views = torch.stack([transform(image)[0] for _ in range(400)])
+    distance = (views[:, None] - windows[None]).abs().flatten(2).amax(2)  # [view, offset]
+    assert (distance.min(1).values < 1e-6).all()  # each view is exactly one window...
+    seen = {offsets[i] for i in distance.argmin(1).tolist()}
+    assert seen == set(offsets)  # ...and every offset of torchvision's RandomCrop(16, padding=2), nothing else
 
 
 def test_simclr_uses_strength_half_jitter_and_blur_only_on_large_images():
@@ -73,6 +91,10 @@ def test_view_spec_rejects_impossible_values():
         ViewSpec(crop_scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="num"):
         ViewSpec(num=0)
+    with pytest.raises(ValueError, match="crop_padding must be >= 0"):
+        ViewSpec(crop_padding=-1)
+    with pytest.raises(ValueError, match="crop_padding needs an augmenting view"):
+        ViewSpec(crop_padding=4, crop_scale=None)
 
 
 @pytest.mark.parametrize(("crop", "kernel"), [(14, 3), (32, 3), (96, 11), (224, 23)])

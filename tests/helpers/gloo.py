@@ -53,3 +53,24 @@ def _run_rank(rank: int, worker, directory: str, args: tuple) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def loss_on_one_rank(loss_fn, shards: list[tuple], *extra) -> dict:
+    """A worker for ``run_on_two_ranks``: ``loss_fn(first, *rest, *extra)`` on this rank's shard
+    ``(first, *rest)``, and its gradient with respect to ``first``."""
+    first, *rest = shards[dist.get_rank()]
+    first = first.clone().requires_grad_(True)
+    loss = loss_fn(first, *rest, *extra)
+    (grad,) = torch.autograd.grad(loss, first)
+    return {"loss": loss.detach(), "grad": grad}
+
+
+def assert_global_batch_value_and_gradients(results: list[dict], loss, grad, shard_sizes: list[int]) -> None:
+    """Every rank's loss equals the single-process ``loss`` on the concatenated batch, and its input
+    gradient is WORLD_SIZE times its rows of the single-process ``grad``, so that DDP's averaging of
+    the parameter gradients gives the single-process result (``ssl_lightning.distributed``)."""
+    start = 0
+    for result, size in zip(results, shard_sizes):
+        torch.testing.assert_close(result["loss"], loss, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(result["grad"], WORLD_SIZE * grad[start : start + size], rtol=1e-10, atol=1e-12)
+        start += size

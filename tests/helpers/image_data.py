@@ -40,3 +40,11 @@ def write_folder(root, classes, per_class=4, size=16):
         for i, image in enumerate(random_images(per_class, size, 3, seed=c)):
             Image.fromarray(image).save(folder / f"{i}.png")
     return root
+
+
+def write_truncated_jpeg(path, size=64):
+    """A JPEG cut in half: its header is whole (PIL opens it, the size is known) but its pixels do not decode."""
+    encoded = encode_jpeg(torch.from_numpy(random_images(1, size, 3)[0]).permute(2, 0, 1)).numpy().tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encoded[: len(encoded) // 2])
+    return path

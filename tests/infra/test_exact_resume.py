@@ -2,7 +2,9 @@
 
 The runs are real CLI processes with two DataLoader workers. The backbone uses drop path, so the
 model draws from the global RNG every step: the test fails if the RNG states, the data order or
-the per-sample augmentation seeds are not restored exactly.
+the per-sample augmentation seeds are not restored exactly. One method per family, each on one of
+the two view paths: SimCLR with views drawn on the device, and Classifier with views per image in
+the workers and Mixup / CutMix, which draws from numpy's global RNG every step.
 """
 
 import os
@@ -25,7 +27,14 @@ CHECKPOINT_EVERY = 4
 KILL_AT = 15  # three steps after the mid-epoch checkpoint at step 12
 
 
-def recipe(view_device: str) -> dict:
+MODELS = {
+    "SimCLR": {"proj_hidden_dim": 32, "proj_dim": 16},
+    "Classifier": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1},
+}
+VIEWS = {"SimCLR": "simclr", "Classifier": "supervised"}
+
+
+def recipe(method: str, view_device: str) -> dict:
     return {
         "seed_everything": 0,
         "checkpoint_every_n_steps": CHECKPOINT_EVERY,
@@ -33,13 +42,14 @@ def recipe(view_device: str) -> dict:
             "accelerator": "cpu", "devices": 1, "max_epochs": 2, "limit_val_batches": 0, "logger": False,
             "enable_progress_bar": False, "enable_model_summary": False,
         },
-        "model": {"class_path": "SimCLR", "init_args": {
+        "model": {"class_path": method, "init_args": {
             "backbone": TINY_BACKBONE["backbone"], "cifar_stem": True,
             "backbone_kwargs": {**TINY_BACKBONE["backbone_kwargs"], "drop_path_rate": 0.2},
-            "proj_hidden_dim": 32, "proj_dim": 16, "optimizer": "adamw", "lr": 1e-3,
+            "optimizer": "adamw", "lr": 1e-3, **MODELS[method],
         }},
         "data": {"class_path": "Digits", "init_args": {
             "batch_size": 64, "num_workers": 2, "persistent_workers": True, "view_device": view_device,
+            "views": VIEWS[method],
         }},
     }
 
@@ -57,10 +67,10 @@ def final_state(run_name: str) -> dict:
     return torch.load(Path("runs") / run_name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("view_device", ["cpu", "device"])
-def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, view_device):
+@pytest.mark.parametrize("method,view_device", [("SimCLR", "device"), ("Classifier", "cpu")])
+def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, method, view_device):
     config = tmp_path / "recipe.yaml"
-    config.write_text(yaml.safe_dump(recipe(view_device)))
+    config.write_text(yaml.safe_dump(recipe(method, view_device)))
     kill = tmp_path / "kill.yaml"
     kill.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "helpers.kill_switch.SignalsAtSteps", "init_args": {"signals": {KILL_AT: "SIGKILL"}}}]}}))

@@ -25,6 +25,7 @@ from ssl_lightning.strategies import FSDP_WRAPPED_PREFIX, wrap_blocks_backbone_a
 
 from helpers.fakes import TINY_VIT, fake_loader, tiny_method
 from helpers.paths import CONFIGS
+from helpers.registry import REPRESENTATIVES
 
 pytestmark = [
     pytest.mark.gpu,
@@ -89,7 +90,7 @@ def assert_teacher_is_ema(before: dict, after: dict, momentum: float) -> None:
         torch.testing.assert_close(after[key], expected, msg=key, **tolerance)
 
 
-@pytest.mark.parametrize("name", ["BYOL", "SimCLR"])
+@pytest.mark.parametrize("name", sorted(REPRESENTATIVES.values()))
 def test_vit_method_trains_under_fsdp_and_its_checkpoint_loads_without_it(name, tmp_path):
     trainer, trained = fit_under_fsdp(vit_method(name), tmp_path)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

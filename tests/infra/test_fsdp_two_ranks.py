@@ -30,13 +30,13 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from ssl_lightning.callbacks import EmbeddingWriter, KNNCallback, KNNReport
 from ssl_lightning.datamodules import Digits
-from ssl_lightning.methods import METHODS
 from ssl_lightning.optim import cosine_momentum
 from ssl_lightning.strategies import unsharded_copy
 
 from helpers.fakes import TINY_VIT, fake_loader, tiny_method
 from helpers.gloo import WORLD_SIZE, run_on_two_ranks
 from helpers.paths import CONFIGS
+from helpers.registry import costly_paths
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
 
@@ -154,7 +154,7 @@ def saved_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", costly_paths())
 def test_sharded_fit_ends_with_the_weights_ddp_gives(name, fitted):
     sharded, ranks = fitted(name, "fsdp")
     held = [rank["held"] for rank in ranks]

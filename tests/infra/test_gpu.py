@@ -11,9 +11,9 @@ from ssl_lightning.callbacks import ImagesPerSecond, InputWait, ThrottledProgres
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.views import resolve_views
-from ssl_lightning.methods import METHODS
 
 from helpers.fakes import fake_loader, tiny_method
+from helpers.registry import every_method, view_preset
 from helpers.views import STD, assert_same_views
 
 pytestmark = [
@@ -41,7 +41,7 @@ def gpu_trainer(**kwargs) -> tuple[L.Trainer, InspectWhileTraining]:
     return trainer, inspector
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", every_method())
 def test_bf16_mixed_channels_last_fit_on_gpu(name):
     model = small_method(name, channels_last=True)
     trainer, seen = gpu_trainer(max_steps=3, precision="bf16-mixed")
@@ -84,7 +84,7 @@ class SyncWarningsPerStep(L.Callback):
             self.per_step[self._open] = [str(w.message) for w in self.caught[self._taken:] if "synchroniz" in str(w.message)]
 
 
-@pytest.mark.parametrize("name,compile_views", [(name, False) for name in sorted(METHODS)] + [("SimCLR", True)])
+@pytest.mark.parametrize("name,compile_views", [(name, False) for name in every_method()] + [("SimCLR", True)])
 def test_training_steps_between_logger_steps_never_wait_for_the_gpu(name, compile_views, tmp_path):
     model = tiny_method(name, channels_last=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -97,7 +97,8 @@ def test_training_steps_between_logger_steps_never_wait_for_the_gpu(name, compil
             callbacks=[ThrottledProgressBar(metrics_every_s=3600), ImagesPerSecond(), InputWait(), watch],
         )
         # Device views from the in-memory uint8 dataset: the whole data path runs on the GPU.
-        data = Digits(batch_size=32, num_workers=0, view_device="device", in_memory=True, compile_views=compile_views)
+        data = Digits(batch_size=32, num_workers=0, view_device="device", in_memory=True, compile_views=compile_views,
+                      views=view_preset(name))
         trainer.fit(model, data)
     # Step 0 pays the start-up (moving the dataset, cuDNN's choices, compiling); steps 3 and 7 are logger steps.
     waits = {step: messages for step, messages in watch.per_step.items() if step not in (0, 3, 7) and messages}

@@ -4,6 +4,10 @@ each task gets the environment variables srun sets, as docs/scale.md's job scrip
 running the CLI on the quickstart with ``--trainer.num_nodes 2 --trainer.strategy ddp``. The
 processes are this test's children, not pytest's, so plain ``ddp`` is safe here (inside pytest's
 own process it would re-launch the test session).
+
+Each node runs the CLI's ``main()`` as ``python -m ssl_lightning`` does, then reports what outlived
+it: a process group left alive keeps gloo's threads running into the interpreter's shutdown, which
+now and then aborted a finished fit (SIGABRT, "terminate called without an active exception").
 """
 
 import csv
@@ -24,6 +28,16 @@ pytestmark = [pytest.mark.ddp, pytest.mark.timeout(300)]
 
 BATCH_SIZE, LR, NODES = 64, 2.0e-3, 2
 
+#: ``python -m ssl_lightning``, then one line on the process group and the threads left after main()
+CLI_THEN_REPORT = """
+import os, torch.distributed as dist
+from ssl_lightning.cli import main
+main()
+tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []
+threads = sorted({open(f"/proc/self/task/{task}/comm").read().strip() for task in tasks})
+print(f"after main: process group {'alive' if dist.is_initialized() else 'destroyed'}, threads {threads}")
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,8 +46,11 @@ def free_port() -> int:
 
 
 def fit_args(root: Path, devices: int = 1) -> list[str]:
+    entry = root / "cli_then_report.py"
+    if not entry.exists():  # written once: the first node may be reading it already
+        entry.write_text(CLI_THEN_REPORT)
     return [
-        "-m", "ssl_lightning", "fit", "--config", str(CONFIGS / "quickstart.yaml"),
+        str(entry), "fit", "--config", str(CONFIGS / "quickstart.yaml"),
         "--trainer.devices", str(devices), "--trainer.num_nodes", str(NODES), "--trainer.strategy", "ddp",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
         "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]", "--trainer.log_every_n_steps", "1",
@@ -74,6 +91,9 @@ def test_two_nodes_train_one_run_with_the_lr_of_the_global_batch(launcher, tmp_p
     outputs = [output for _, output in results]
     if launcher is srun_task:
         assert "SLURM auto-requeueing enabled" in outputs[0]  # Lightning took the job for a SLURM job
+    for output in outputs:  # nothing of the process group meets the interpreter's shutdown
+        report = next(line for line in output.splitlines() if line.startswith("after main:"))
+        assert report.startswith("after main: process group destroyed") and "gloo" not in report, report
 
     # Rank zero alone reports the optimiser, with the LR scaled by the batch of both nodes.
     reports = [line for output in outputs for line in output.splitlines() if line.startswith("Optimizer adamw")]
@@ -93,6 +113,9 @@ def test_two_nodes_train_one_run_with_the_lr_of_the_global_batch(launcher, tmp_p
     assert logged_lr and max(logged_lr) == pytest.approx(peak)
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 2  # two steps of the global batch
+    # rank 0 alone held the run (node 1 was not refused) and released it; no -v1 duplicates
+    assert (run / "run.lock").read_text() == ""
+    assert not [path.name for path in (run / "checkpoints").iterdir() if "-v" in path.name]
 
 
 def test_srun_with_devices_other_than_tasks_per_node_stops_naming_both(tmp_path):

@@ -1,4 +1,4 @@
-"""Runs in <root>/<run_name>, automatic resume from the newest loadable checkpoint."""
+"""Runs in <root>/<run_name>, automatic resume from the loadable checkpoint with the highest step."""
 
 import os
 import shutil
@@ -66,6 +66,7 @@ def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(finished_r
     assert "last.ckpt: it does not load" in messages
     assert "step=3.ckpt: it lacks the keys ['loops']" in messages
     assert point.path.name == "step=2.ckpt" and point.step == 2
+    assert [note.split(" (")[0] for note in point.passed_over] == [str(last), str(no_loops)]
 
 
 def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
@@ -90,12 +91,45 @@ def test_step_checkpoints_need_a_run_name():
         main(args)
 
 
-def test_slurm_requeue_checkpoint_counts_when_newest(finished_run):
+def test_slurm_requeue_checkpoint_counts(finished_run):
     run = copy_run(finished_run, "slurm")
     hpc = run / "hpc_ckpt_1.ckpt"
-    shutil.copy(run / "checkpoints" / "step=2.ckpt", hpc)
+    shutil.copy(run / "checkpoints" / "last.ckpt", hpc)  # step 3, as last.ckpt, written after it
     os.utime(hpc, ((run / "checkpoints" / "last.ckpt").stat().st_mtime + 1,) * 2)
     assert find_resume_checkpoint(run).path == hpc
+
+
+def test_resume_takes_the_highest_step_not_the_newest_file(finished_run, caplog):
+    """A run's old interrupted.ckpt (here step 2), touched after last.ckpt (step 3), must not send
+    a rerun back in time; the resume line names the file it passed over and why."""
+    run = copy_run(finished_run, "back-in-time")
+    old = run / "checkpoints" / "interrupted.ckpt"
+    shutil.copy(run / "checkpoints" / "step=2.ckpt", old)
+    os.utime(old, ((run / "checkpoints" / "last.ckpt").stat().st_mtime + 60,) * 2)
+    caplog.set_level("INFO")
+    cli = main(tiny_fit_args("back-in-time", 2))
+    assert ("Run 'back-in-time': resuming from runs/back-in-time/checkpoints/last.ckpt (step 3, epoch 0). "
+            "Passed over: runs/back-in-time/checkpoints/interrupted.ckpt (step 2: an earlier step, written later)."
+            ) in caplog.text
+    assert cli.trainer.global_step == 6
+
+
+def test_equal_steps_go_to_the_newest_file(finished_run):
+    run = copy_run(finished_run, "tie")
+    step_3 = run / "checkpoints" / "step=3.ckpt"  # the same step as last.ckpt
+    os.utime(step_3, ((run / "checkpoints" / "last.ckpt").stat().st_mtime + 1,) * 2)
+    assert find_resume_checkpoint(run).path == step_3
+
+
+def test_resuming_an_earlier_step_overwrites_instead_of_adding_version_suffixes(finished_run):
+    """Lightning's ModelCheckpoint would write step=3-v1.ckpt and last-v1.ckpt next to the files of
+    the abandoned steps (a moved run directory or --ckpt_path to an earlier step)."""
+    run = copy_run(finished_run, "rewind")
+    main(tiny_fit_args("rewind", 1, "--ckpt_path", "runs/rewind/checkpoints/step=2.ckpt"))
+    names = sorted(path.name for path in (run / "checkpoints").iterdir())
+    assert not [name for name in names if "-v" in name], names
+    assert "last.ckpt" in names
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
 @pytest.mark.timeout(180)

@@ -11,8 +11,10 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchmetrics import Metric
 
 from ssl_lightning.backbones import build_backbone
+from ssl_lightning.components import EMATeacher, OnlineProbe
 from ssl_lightning.methods import BYOL
 from ssl_lightning.strategies import (
     TIMM_TRANSFORMER_BLOCKS,
@@ -21,11 +23,42 @@ from ssl_lightning.strategies import (
     wrap_blocks_backbone_and_heads,
 )
 
-from helpers.fakes import TINY_VIT
+from helpers.fakes import TINY_VIT, tiny_method
+from helpers.registry import every_method
 
 
 def wrapped_by_policy(module: nn.Module) -> bool:
     return wrap_blocks_backbone_and_heads(module=module, recurse=False, nonwrapped_numel=0)
+
+
+def modules_outside_every_unit(owner: str, module: nn.Module) -> list[str]:
+    """Children of a method (and of its teacher's copy) that hold parameters but no FSDP unit would
+    take: they would fall into the root unit, which an EMA teacher never mirrors."""
+    left_out = []
+    for name, child in module.named_children():
+        path = f"{owner}.{name}"
+        if isinstance(child, EMATeacher):
+            left_out += modules_outside_every_unit(f"{path}.module", child.module)
+        elif isinstance(child, nn.Sequential) and not wrapped_by_policy(child):  # a teacher's (backbone, projector)
+            left_out += modules_outside_every_unit(path, child)
+        elif not (wrapped_by_policy(child) or isinstance(child, (OnlineProbe, Metric))) and next(child.parameters(), None) is not None:
+            left_out.append(f"{path} ({type(child).__name__})")
+    return left_out
+
+
+@pytest.mark.parametrize("name", every_method())
+def test_every_module_of_every_method_is_an_fsdp_unit_or_the_probe(name):
+    # A head class defined outside ssl_lightning/components/heads.py fails here (strategies.HEADS).
+    model = tiny_method(name, backbone=TINY_VIT, in_chans=1, num_classes=4, batch_size=8)
+    model.configure_model()
+    assert modules_outside_every_unit(name, model) == []
+
+
+def test_a_head_defined_elsewhere_is_caught():
+    model = tiny_method("SimCLR", backbone=TINY_VIT, in_chans=1, num_classes=4, batch_size=8)
+    model.configure_model()
+    model.projector = nn.Sequential(nn.Linear(192, 16), nn.Linear(16, 16))  # not a class of heads.py
+    assert modules_outside_every_unit("SimCLR", model) == ["SimCLR.projector.0 (Linear)", "SimCLR.projector.1 (Linear)"]
 
 
 def test_policy_wraps_each_block_and_the_backbone_of_a_timm_vit():

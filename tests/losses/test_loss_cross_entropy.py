@@ -1,10 +1,9 @@
 import pytest
 import torch
 
-from ssl_lightning.distributed import rank
 from ssl_lightning.losses import labelled_cross_entropy
 
-from helpers.gloo import WORLD_SIZE, run_on_two_ranks
+from helpers.gloo import assert_global_batch_value_and_gradients, loss_on_one_rank, run_on_two_ranks
 
 
 def reference_labelled_cross_entropy(logits, labels, smoothing=0.0):
@@ -49,14 +48,6 @@ def test_equals_torch_cross_entropy_when_every_image_is_labelled():
     torch.testing.assert_close(labelled_cross_entropy(logits, labels, 0.2), expected)
 
 
-def labelled_cross_entropy_on_one_rank(logits: list, labels: list) -> dict:
-    me = rank()
-    mine = logits[me].clone().requires_grad_(True)
-    loss = labelled_cross_entropy(mine, labels[me], 0.1)
-    (grad,) = torch.autograd.grad(loss, mine)
-    return {"loss": loss.detach(), "grad": grad}
-
-
 @pytest.mark.ddp
 @pytest.mark.timeout(120)
 def test_two_ranks_give_the_global_batch_value_and_gradients(tmp_path):
@@ -65,10 +56,6 @@ def test_two_ranks_give_the_global_batch_value_and_gradients(tmp_path):
     logits = [torch.randn(3, 4, generator=generator, dtype=torch.float64),
               torch.randn(5, 4, generator=generator, dtype=torch.float64)]
     labels = [torch.tensor([-1, -1, -1]), torch.tensor([2, -1, 0, 3, 1])]
-    results = run_on_two_ranks(labelled_cross_entropy_on_one_rank, tmp_path, logits, labels)
+    results = run_on_two_ranks(loss_on_one_rank, tmp_path, labelled_cross_entropy, list(zip(logits, labels)), 0.1)
     loss, grad = value_and_grad(reference_labelled_cross_entropy, torch.cat(logits), torch.cat(labels), 0.1)
-    for result, rows in zip(results, (slice(0, 3), slice(3, 8))):
-        torch.testing.assert_close(result["loss"], loss, rtol=1e-10, atol=1e-12)
-        # Local input gradients are world_size times the single-process ones; DDP's averaging of
-        # the parameter gradients then gives the single-process result.
-        torch.testing.assert_close(result["grad"], WORLD_SIZE * grad[rows], rtol=1e-10, atol=1e-12)
+    assert_global_batch_value_and_gradients(results, loss, grad, [3, 5])

@@ -14,10 +14,10 @@ from ssl_lightning.datamodules import device_views
 from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.views import resolve_views
 from ssl_lightning.evaluation import FineTune
-from ssl_lightning.methods import METHODS
 
 from helpers.fakes import fake_loader, tiny_method
 from helpers.host_syncs import HostSyncCounter
+from helpers.registry import REPRESENTATIVES, every_method
 
 LOG_EVERY = 3
 
@@ -46,9 +46,9 @@ class CloseCount(L.Callback):
         self.opener.close(trainer)
 
 
-def syncs_per_step(model: L.LightningModule, tmp_path) -> dict[int, dict]:
+def syncs_per_step(model: L.LightningModule, tmp_path, labelled: bool = True) -> dict[int, dict]:
     """Syncing operations of each step of a short fit: labelled fake data (so the online probe
-    trains), the progress bar on, the logger writing every LOG_EVERY steps."""
+    trains) or unlabelled (-1), the progress bar on, the logger writing every LOG_EVERY steps."""
     counter = HostSyncCounter()
     opener = CountSyncsPerStep(counter)
     # The probe is trained (labels present), the bar is on, the logger writes every LOG_EVERY steps.
@@ -57,8 +57,11 @@ def syncs_per_step(model: L.LightningModule, tmp_path) -> dict[int, dict]:
         enable_model_summary=False, logger=L.pytorch.loggers.CSVLogger(tmp_path), limit_val_batches=0,
         callbacks=[opener, ImagesPerSecond(), ThrottledProgressBar(metrics_every_s=3600), CloseCount(opener)],
     )
+    loader = fake_loader(batch_size=8, length=64, size=16, num_classes=4)
+    if not labelled:
+        loader = torch.utils.data.DataLoader([{**row, "label": -1} for row in loader.dataset], batch_size=8)
     with counter:
-        trainer.fit(model, fake_loader(batch_size=8, length=64, size=16, num_classes=4))
+        trainer.fit(model, loader)
     assert len(opener.per_step) == 2 * LOG_EVERY
     return opener.per_step
 
@@ -70,13 +73,24 @@ def assert_syncs_only_on_logger_steps(per_step: dict[int, dict]) -> None:
     assert not syncing, f"host syncs outside logger steps: {syncing}"
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", every_method())
 def test_training_steps_between_logger_steps_make_no_host_sync(name, tmp_path):
     model = tiny_method(name, in_chans=1, num_classes=4, batch_size=8, optimizer="lars", lr=0.3)
     per_step = syncs_per_step(model, tmp_path)
     assert_syncs_only_on_logger_steps(per_step)
-    # The counter does see the reads that logging needs: the guard's check and the probe's sums.
+    # The counter does see the reads that logging needs: the guard's check and the accuracy sums.
     assert all(per_step[step] for step in (2, 5))
+
+
+@pytest.mark.parametrize("name", sorted(REPRESENTATIVES.values()))
+def test_unlabelled_steps_make_no_host_sync_either(name, tmp_path):
+    model = tiny_method(name, in_chans=1, num_classes=4, batch_size=8, optimizer="lars", lr=0.3)
+    assert_syncs_only_on_logger_steps(syncs_per_step(model, tmp_path, labelled=False))
+
+
+def test_mixup_and_cutmix_steps_make_no_host_sync(tmp_path):
+    model = tiny_method("Classifier", in_chans=1, num_classes=4, batch_size=8, mixup_alpha=0.8, cutmix_alpha=1.0)
+    assert_syncs_only_on_logger_steps(syncs_per_step(model, tmp_path))
 
 
 def test_finetune_steps_make_no_host_sync(method_checkpoint, tmp_path):

@@ -1,3 +1,6 @@
+"""The spine every registered method shares (``TrainModule``): fit from a DataModule's facts,
+checkpoints, the view-count and batch contracts, logging, the optimizer report."""
+
 import csv
 from pathlib import Path
 
@@ -11,21 +14,22 @@ from ssl_lightning.datamodules import Digits
 from ssl_lightning.methods import METHODS, SimCLR
 
 from helpers.fakes import SMALL_HEADS, TINY_VIT, fake_loader, quick_trainer, tiny_method
+from helpers.registry import FAMILY_OF, FIT_METRICS, every_method, view_preset
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", every_method())
 def test_fast_dev_run_on_digits_learns_from_datamodule_facts(name):
     model = tiny_method(name)  # in_chans, num_classes, batch size: read from the DataModule
-    datamodule = Digits(batch_size=32, num_workers=0)
+    datamodule = Digits(batch_size=32, num_workers=0, views=view_preset(name))
     trainer = quick_trainer(fast_dev_run=2, callbacks=[KNNCallback(k=5)])
     trainer.fit(model, datamodule)
     metrics = trainer.callback_metrics
     assert model.hparams.in_chans == 1 and model.hparams.num_classes == 10 and model.hparams.batch_size == 32
     assert torch.isfinite(metrics["train/loss"])
-    assert {"train/probe_loss", "val/probe_top1", "val/knn_top1", "val/knn_top5", "lr/weights", "lr/probe"} <= set(metrics)
+    assert FIT_METRICS[FAMILY_OF[name]] | {"val/knn_top5", "lr/weights", "lr/no_decay"} <= set(metrics)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", every_method())
 def test_checkpoint_loads_with_weights_only(name, tmp_path):
     model = tiny_method(name, in_chans=1, num_classes=4, batch_size=8)
     trainer = quick_trainer(max_steps=1)
@@ -40,14 +44,17 @@ def test_checkpoint_loads_with_weights_only(name, tmp_path):
     torch.testing.assert_close(restored(x), model(x))
 
 
-def test_view_recipe_that_does_not_fit_the_method_is_rejected_before_training():
-    model = tiny_method("SimCLR")
-    with pytest.raises(ValueError, match=r"SimCLR needs 2 views per image, but the DataModule's view recipe makes 8"):
-        quick_trainer(fast_dev_run=1).fit(model, Digits(batch_size=32, num_workers=0, views="dino"))
+@pytest.mark.parametrize("name,views,made", [("SimCLR", "dino", 8), ("Classifier", "simclr", 2)])
+def test_view_recipe_that_does_not_fit_the_method_is_rejected_before_training(name, views, made):
+    model = tiny_method(name)
+    wanted = METHODS[name].expected_views
+    with pytest.raises(ValueError, match=rf"{name} needs {wanted} views? per image, but the DataModule's view recipe makes {made}"):
+        quick_trainer(fast_dev_run=1).fit(model, Digits(batch_size=32, num_workers=0, views=views))
 
 
-def test_batch_without_views_names_the_missing_view_hook():
-    model = tiny_method("SimCLR", in_chans=1, num_classes=4, batch_size=8)
+@pytest.mark.parametrize("name", every_method())
+def test_batch_without_views_names_the_missing_view_hook(name):
+    model = tiny_method(name, in_chans=1, num_classes=4, batch_size=8)
     model.configure_model()
     with pytest.raises(RuntimeError, match="view hook \\(on_after_batch_transfer\\) did not run"):
         model.training_step({"image": torch.zeros(2, 1, 16, 16), "label": torch.zeros(2), "index": torch.arange(2)}, 0)
@@ -65,19 +72,6 @@ def test_custom_backbone_module_is_not_saved_in_hyperparameters(tmp_path):
     fresh = nn.Sequential(nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     restored = SimCLR.load_from_checkpoint(path, backbone=fresh, weights_only=True)
     assert torch.equal(restored.backbone[0].weight, backbone[0].weight)
-
-
-def test_unlabelled_batches_skip_the_probe():
-    model = tiny_method("BarlowTwins", in_chans=1, num_classes=4, batch_size=8)
-    trainer = quick_trainer(max_steps=2)
-    dataset = fake_loader(size=16).dataset
-    loader = torch.utils.data.DataLoader([{**dataset[i], "label": -1} for i in range(len(dataset))], batch_size=8)
-    model.configure_model()
-    before = model.probe.weight.clone()
-    trainer.fit(model, loader)
-    assert torch.equal(model.probe.weight, before)
-    assert "train/probe_loss" not in trainer.callback_metrics
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
 def test_learning_rates_and_momentum_reach_every_row_the_logger_writes(tmp_path):

@@ -1,7 +1,11 @@
 """SafeWandbLogger: offline fallback without a key or a reachable server; no test touches the network."""
 
+import re
+import socket
+
 import lightning as L
 import pytest
+import wandb
 
 from ssl_lightning import loggers
 from ssl_lightning.callbacks import SpectrumCallback
@@ -9,6 +13,18 @@ from ssl_lightning.loggers import SafeWandbLogger
 
 from helpers.monitoring_stubs import FixedEmbeddings, StubMethod
 from helpers.paths import CONFIGS
+
+REAL_PROBE = loggers.is_reachable
+#: the server wandb talks to when nothing overrides its default (it changes between wandb versions)
+WANDB_DEFAULT_URL = wandb.Settings().base_url
+
+
+def closed_local_url() -> str:
+    """An http URL on this machine where nothing listens: connecting is refused at once, no network needed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -20,7 +36,7 @@ def no_wandb_credentials(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     # Any probe would mean a network call: fail loudly instead.
-    monkeypatch.setattr(loggers, "is_reachable", lambda host, timeout: pytest.fail("probed the network"))
+    monkeypatch.setattr(loggers, "is_reachable", lambda url, timeout: pytest.fail("probed the network"))
 
 
 @pytest.mark.timeout(120)
@@ -43,21 +59,46 @@ def test_fit_without_key_logs_offline_with_metrics_in_summary(tmp_path, no_wandb
 def test_unreachable_server_switches_to_offline_and_says_so(monkeypatch, no_wandb_credentials):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     probed = []
-    monkeypatch.setattr(loggers, "is_reachable", lambda host, timeout: probed.append((host, timeout)) or False)
-    with pytest.warns(UserWarning, match=r"offline because api\.wandb\.ai did not answer within 0\.5 s") as caught:
+    monkeypatch.setattr(loggers, "is_reachable", lambda url, timeout: probed.append((url, timeout)) or False)
+    expected = rf"offline because {re.escape(WANDB_DEFAULT_URL)} did not answer within 0\.5 s"
+    with pytest.warns(UserWarning, match=expected) as caught:
         logger = SafeWandbLogger(probe_timeout=0.5)
-    assert probed == [("api.wandb.ai", 0.5)]
+    assert probed == [(WANDB_DEFAULT_URL, 0.5)]
     assert logger._offline
     assert len([w for w in caught if "SafeWandbLogger" in str(w.message)]) == 1
 
 
-def test_key_and_reachable_server_stay_online_and_explicit_mode_skips_probe(monkeypatch, no_wandb_credentials):
+def test_key_and_reachable_server_stay_online_and_explicit_offline_mode_skips_probe(monkeypatch, no_wandb_credentials):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setattr(loggers, "is_reachable", lambda host, timeout: True)
+    monkeypatch.setattr(loggers, "is_reachable", lambda url, timeout: True)
     assert loggers.offline_reason(1.0) is None
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setattr(loggers, "is_reachable", lambda host, timeout: pytest.fail("probed despite WANDB_MODE"))
+    monkeypatch.setattr(loggers, "is_reachable", lambda url, timeout: pytest.fail("probed despite WANDB_MODE"))
     assert loggers.offline_reason(1.0) is None
+
+
+@pytest.mark.timeout(60)  # hang guard: a refused connection answers at once
+def test_probe_asks_the_server_named_in_wandbs_settings_file(tmp_path, monkeypatch, no_wandb_credentials):
+    url = closed_local_url()
+    (tmp_path / "wandb-config").mkdir()
+    (tmp_path / "wandb-config" / "settings").write_text(f"[default]\nbase_url = {url}\n")  # `wandb login --host`
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(loggers, "is_reachable", REAL_PROBE)
+    with pytest.warns(UserWarning, match=rf"offline because {re.escape(url)} did not answer"):
+        logger = SafeWandbLogger(save_dir=str(tmp_path), probe_timeout=5)
+    assert logger._offline
+
+
+@pytest.mark.timeout(60)  # hang guard: a refused connection answers at once
+def test_explicit_online_mode_with_an_unreachable_server_fails_at_start_up(tmp_path, monkeypatch, no_wandb_credentials):
+    url = closed_local_url()
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    monkeypatch.setattr(loggers, "is_reachable", REAL_PROBE)
+    expected = rf"WANDB_MODE=online but {re.escape(url)} did not answer within 5 s.*WANDB_MODE=offline"
+    with pytest.raises(ConnectionError, match=expected):
+        SafeWandbLogger(save_dir=str(tmp_path), probe_timeout=5)
 
 
 def test_netrc_key_counts_as_a_key(tmp_path, monkeypatch, no_wandb_credentials):
