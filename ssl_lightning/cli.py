@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +14,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch.distributed as dist
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import (
     LightningArgumentParser,
@@ -24,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ssl_lightning import callbacks as callbacks_module
 from ssl_lightning import datamodules as datamodules_module
 from ssl_lightning.callbacks.preemption import SaveOnInterrupt
-from ssl_lightning.callbacks.progress import ThrottledProgressBar
+from ssl_lightning.callbacks.progress import ProgressLines, ThrottledProgressBar
 from ssl_lightning.callbacks.random_states import RandomStates
 from ssl_lightning.callbacks.throughput import ImagesPerSecond, InputWait
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
@@ -52,16 +56,17 @@ def datamodule_classes() -> dict[str, type]:
 
 
 class SSLArgumentParser(LightningArgumentParser):
-    """Adds the valid short names to jsonargparse's message when a model or data class is unknown."""
+    """Adds to jsonargparse's message the valid short names when a model or data class is unknown,
+    and the nearest argument names when a known class is given one it does not take."""
 
     def error(self, message: str, *args, **kwargs):
-        hint = _unknown_name_hint(message)
+        hint = _misspelled_argument_hint(message) or _unknown_name_hint(message)
         return super().error(message + hint if hint else message, *args, **kwargs)
 
 
 def _unknown_name_hint(message: str) -> str:
     about_class = any(f'key "{key}"' in message for key in ("model", "data"))
-    unresolved = ("import path", "not a subclass", "does not correspond to a subclass", "class_path")
+    unresolved = ("import path", "not a subclass", "does not correspond to a subclass")
     # A known class with a missing required argument (LinearProbe's pretrained) is not an unknown name.
     if "arguments are required" in message or not (about_class and any(m in message.lower() for m in unresolved)):
         return ""
@@ -71,6 +76,35 @@ def _unknown_name_hint(message: str) -> str:
         f"  data:  {', '.join(datamodule_classes())}\n"
         "or give a full class path (e.g. my_package.MyMethod). `python -m ssl_lightning list` shows them all."
     )
+
+
+def _misspelled_argument_hint(message: str) -> str:
+    """For "Problem with given class_path 'X': Option 'y' is not accepted": X's arguments closest to y."""
+    found = re.search(r"class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
+    if found is None:
+        return ""
+    class_path, option = found.groups()
+    try:
+        cls = _import_class(class_path)
+    except (ImportError, AttributeError):
+        return ""
+    close = difflib.get_close_matches(option, init_argument_names(cls), n=3)
+    suggestion = f" Did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
+    group = "model" if issubclass(cls, L.LightningModule) else "data"
+    return (f"\n\nssl_lightning: {cls.__name__} takes no argument {option!r}.{suggestion} "
+            f"`python -m ssl_lightning fit --{group}.help {cls.__name__}` lists its arguments.")
+
+
+def init_argument_names(cls: type) -> list[str]:
+    """The keyword arguments a class takes, those its ``**kwargs`` pass to its bases included."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None or klass.__module__.startswith(("lightning.", "torch.")):
+            continue
+        names += [name for name, parameter in inspect.signature(init).parameters.items()
+                  if name != "self" and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)]
+    return list(dict.fromkeys(names))
 
 
 class SaveAndUploadConfig(SaveConfigCallback):
@@ -167,7 +201,8 @@ class SSLCLI(LightningCLI):
         if trainer_config.get("enable_progress_bar") is not False and not any(
             isinstance(callback, ProgressBar) for callback in callbacks
         ):
-            callbacks.append(ThrottledProgressBar())
+            # A bar that redraws itself fills a file (a SLURM log, `> log.txt`) with carriage returns.
+            callbacks.append(ThrottledProgressBar() if sys.stderr.isatty() else ProgressLines())
         return super().instantiate_trainer(**{**kwargs, "plugins": plugins, "callbacks": callbacks})
 
     def _subcommand_config(self):
@@ -201,9 +236,17 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+class DataSetupError(ValueError):
+    """The DataModule could not answer what the method is linked to (its data is missing or
+    malformed). The CLI prints its message alone, without jsonargparse's link traceback."""
+
+
 def _attribute_reader(key: str):
     def read(datamodule):
-        return getattr(datamodule, key, None)
+        try:
+            return getattr(datamodule, key, None)
+        except (ValueError, OSError) as error:  # a bad path or malformed data, not a bug: say it plainly
+            raise DataSetupError(f"{type(datamodule).__name__} ({key}): {error}") from error
 
     return read
 
@@ -252,13 +295,65 @@ def subcommand_teardown() -> Iterator[None]:
             dist.destroy_process_group()
 
 
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf", re.IGNORECASE)
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--key -1e-3`` as ``--key=-1e-3``: argparse reads a value that starts with '-' and is not a
+    plain number (``-1e-3``, ``-.5``, ``-inf``) as an option and fails with "expected one argument"."""
+    joined: list[str] = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if _NEGATIVE_NUMBER.fullmatch(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Exits (code 2) naming the file, line and column when a ``--config``/``-c`` file is not valid
+    YAML: jsonargparse parses the text and reports the error in "<unicode string>"."""
+    for index, token in enumerate(argv):
+        if token.startswith("--config="):
+            path = token.partition("=")[2]
+        elif token in ("--config", "-c") and index + 1 < len(argv):
+            path = argv[index + 1]
+        else:
+            continue
+        if not Path(path).is_file():
+            continue  # jsonargparse reports a missing file (or a config given inline) itself
+        with open(path) as file:
+            try:
+                yaml.safe_load(file)
+            except yaml.YAMLError as error:
+                sys.stderr.write(f"error: config file {path} is not valid YAML:\n{error}\n")
+                raise SystemExit(2) from None
+
+
 def main(args: list[str] | None = None) -> SSLCLI | None:
-    argv = sys.argv[1:] if args is None else args
+    argv = join_negative_values(sys.argv[1:] if args is None else list(args))
     if argv[:1] == ["list"]:
         print_registry()
         return None
     if argv[:1] == ["export"]:
         export_command(argv[1:])
         return None
+    check_config_files(argv)
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI warns when given both args and a command line
     with subcommand_teardown():
-        return SSLCLI(args=args)
+        try:
+            return SSLCLI(args=None if args is None else argv)
+        except ValueError as error:
+            data_error = _cause_of_type(error, DataSetupError)
+            if data_error is None:
+                raise
+            sys.stderr.write(f"error: {data_error}\n")
+            raise SystemExit(2) from None
+
+
+def _cause_of_type(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error

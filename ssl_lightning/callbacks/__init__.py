@@ -6,7 +6,7 @@ from ssl_lightning.callbacks.knn import KNNCallback
 from ssl_lightning.callbacks.knn_report import KNNReport
 from ssl_lightning.callbacks.plots import EmbeddingPlotCallback
 from ssl_lightning.callbacks.preemption import SaveOnInterrupt
-from ssl_lightning.callbacks.progress import ThrottledProgressBar
+from ssl_lightning.callbacks.progress import ProgressLines, ThrottledProgressBar
 from ssl_lightning.callbacks.random_states import RandomStates
 from ssl_lightning.callbacks.spectrum import SpectrumCallback
 from ssl_lightning.callbacks.throughput import ImagesPerSecond, InputWait
@@ -18,6 +18,7 @@ __all__ = [
     "InputWait",
     "KNNCallback",
     "KNNReport",
+    "ProgressLines",
     "RandomStates",
     "SaveOnInterrupt",
     "SpectrumCallback",

@@ -1,12 +1,15 @@
-"""``ThrottledProgressBar``: Lightning's tqdm bar, reading the logged metrics at most every so many seconds."""
+"""Progress output: ``ThrottledProgressBar`` (Lightning's tqdm bar, reading the logged metrics at most every
+so many seconds) for terminals, ``ProgressLines`` (one line per epoch or per interval) for logs."""
 
 from __future__ import annotations
 
+import datetime
+import sys
 import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import get_standard_metrics
 
 
@@ -56,3 +59,62 @@ class ThrottledProgressBar(TQDMProgressBar):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
             self._in_train_batch_end = False
+
+
+class ProgressLines(ProgressBar):
+    """Progress for logs that are not a terminal (a SLURM log, CI, ``> log.txt``): whole lines instead
+    of a bar that redraws itself, one at the end of every training epoch (after its validation) and,
+    within an epoch, one at most every ``every_s`` seconds. A line holds the epoch, the step, the
+    elapsed time and the progress-bar metrics (``train/loss``, ``val/...``). Written by rank zero to
+    standard error, where the bar would go. The CLI uses it instead of ``ThrottledProgressBar`` when
+    standard error is not a terminal.
+
+    Metrics are read (a host sync on a GPU) only when a line is written.
+
+    Args:
+        every_s: least seconds between two lines within an epoch; None: one line per epoch only.
+    """
+
+    def __init__(self, every_s: float | None = 60.0) -> None:
+        super().__init__()
+        if every_s is not None and every_s < 0:
+            raise ValueError(f"every_s must be >= 0 seconds or None, got {every_s}")
+        self.every_s = every_s
+        self._enabled = True
+        self._started = self._last_line = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = self._last_line = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.every_s is not None and time.monotonic() - self._last_line >= self.every_s:
+            self._write(trainer, pl_module, f"batch {batch_idx + 1}/{_count(self.total_train_batches)}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "end")
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, where: str) -> None:
+        self._last_line = time.monotonic()
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        epochs = f"/{trainer.max_epochs - 1}" if trainer.max_epochs not in (None, -1) else ""
+        metrics = " ".join(f"{name}={_format(value)}" for name, value in self.get_metrics(trainer, pl_module).items()
+                           if name != "v_num")
+        elapsed = datetime.timedelta(seconds=round(self._last_line - self._started))
+        sys.stderr.write(f"Epoch {trainer.current_epoch}{epochs} {where} | step {trainer.global_step} | {elapsed} | "
+                         f"{metrics}\n")
+        sys.stderr.flush()
+
+
+def _count(batches: int | float) -> str:
+    return "?" if batches == float("inf") else str(int(batches))
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

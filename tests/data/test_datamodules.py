@@ -1,18 +1,17 @@
 """DataModules: the batch-dict contract, properties before setup, loaders and the kNN bank,
 for every kind of storage (embedded digits, npz arrays and packed JPEG, image folders)."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.io import encode_jpeg
 
 from ssl_lightning.datamodules import STL10, Digits, ImageFolder, NpzArrays
 from ssl_lightning.datamodules.digits import load_digit_splits
 from ssl_lightning.datamodules.sources import channel_stats
+
 from helpers.image_data import random_images, write_folder, write_npz_arrays, write_npz_jpeg
 from helpers.paths import SHARED_DATA
 

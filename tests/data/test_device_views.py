@@ -6,7 +6,6 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers.fakes import TINY_BACKBONE
 from scipy.stats import ks_2samp
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -22,6 +21,8 @@ from ssl_lightning.datamodules.device_params import (
 )
 from ssl_lightning.datamodules.views import resolve_views
 from ssl_lightning.methods import SimCLR
+
+from helpers.fakes import TINY_BACKBONE
 
 DRAWS = 4000
 P_MIN = 1e-3

@@ -6,7 +6,9 @@ import torch
 import ssl_lightning.datamodules.device_views as dv
 from ssl_lightning.datamodules import Digits
 from ssl_lightning.datamodules.views import resolve_views
+
 from helpers.views import STD, assert_same_views, first_training_batch
+
 
 def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.fakes import TINY_BACKBONE
 from ssl_lightning.callbacks import RandomStates
 from ssl_lightning.callbacks.random_states import capture_rng_states, restore_rng_states
 from ssl_lightning.datamodules import Digits
@@ -17,6 +16,8 @@ from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.sampling import Position, ResumableDataLoader, SeededSampler
 from ssl_lightning.datamodules.views import resolve_views
 from ssl_lightning.methods import SimCLR
+
+from helpers.fakes import TINY_BACKBONE
 
 
 def passes(sampler: SeededSampler, epoch: int) -> list[tuple[int, int]]:

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from helpers.image_data import write_folder
-from helpers.views import first_training_batch
 from ssl_lightning.datamodules import Digits, ImageFolder
 from ssl_lightning.datamodules.device_batches import BATCHED_MEASURED_FASTER_UP_TO, IndexItems, resolve_view_device
+
+from helpers.image_data import write_folder
+from helpers.views import first_training_batch
 
 
 @pytest.mark.parametrize(

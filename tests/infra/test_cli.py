@@ -1,3 +1,5 @@
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +12,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import ShardingStrategy
 
-from ssl_lightning.cli import SSLCLI, main
+from ssl_lightning.cli import SSLCLI, join_negative_values, main
 from ssl_lightning.evaluation import EVALUATIONS
 from ssl_lightning.methods import METHODS
 from ssl_lightning.strategies import wrap_blocks_backbone_and_heads
 
+from helpers.fakes import tiny_fit_args
 from helpers.paths import CONFIGS
 
 QUICKSTART = CONFIGS / "quickstart.yaml"
@@ -90,10 +93,40 @@ def test_unknown_method_name_lists_valid_names(capsys):
     assert all(name in err for name in METHODS) and "Digits" in err
 
 
-def test_unknown_config_key_is_named(capsys):
+def test_misspelled_argument_is_named_with_the_nearest_valid_ones(capsys):
     with pytest.raises(SystemExit):
         instantiate("--config", str(QUICKSTART), "--model.init_args.temprature", "0.5")
-    assert "temprature" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "SimCLR takes no argument 'temprature'. Did you mean 'temperature'?" in err
+    assert "unknown class name" not in err  # SimCLR is known: no list of class names
+
+
+def test_config_file_that_is_not_yaml_is_named_with_its_line(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("model:\n  class_path: SimCLR\n  init_args: {lr: 0.1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"config file {config} is not valid YAML" in err and f'"{config}", line 3' in err
+
+
+def test_negative_number_after_a_space_is_a_value(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(QUICKSTART), "--model.init_args.weight_decay", "-1e-4", "--print_config"])
+    assert "weight_decay: -0.0001" in capsys.readouterr().out
+    assert join_negative_values(["--a", "-.5", "--b", "-inf", "--c=1", "-2", "-c", "-3"]) == [
+        "--a=-.5", "--b=-inf", "--c=1", "-2", "-c", "-3"]  # only after a long option without a value
+
+
+def test_data_error_while_linking_is_one_plain_line(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model", "SimCLR", "--data", "ImageFolder", "--data.train_dir", str(missing)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: ImageFolder (num_classes): image folder not found: {missing}" in err
+    assert "compute_fn" not in err and "Traceback" not in err
 
 
 def test_list_prints_methods_datamodules_and_presets(capsys):
@@ -123,15 +156,35 @@ def test_print_config_resolves_the_quickstart(capsys):
 
 
 
-def test_progress_bar_is_the_throttled_one_unless_configured():
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_lines_in_a_log_unless_configured(monkeypatch):
     def bars(*args):
         trainer = instantiate("--config", str(QUICKSTART), *args).trainer
         return [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, ProgressBar)]
 
+    assert bars() == ["ProgressLines"]  # pytest's captured stderr is not a terminal
+    monkeypatch.setattr(sys, "stderr", Terminal())
     assert bars() == ["ThrottledProgressBar"]
     assert bars("--trainer.enable_progress_bar", "false") == []
     own = '[{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 10}}]'
     assert bars("--trainer.callbacks", own) == ["TQDMProgressBar"]
+
+
+@pytest.mark.timeout(180)
+def test_fit_into_a_log_file_writes_whole_progress_lines(tmp_path):
+    """Standard error piped, as in a SLURM log: one line per epoch, no bar redrawn with carriage returns."""
+    args = [*tiny_fit_args("logged", 2), "--trainer.enable_progress_bar", "true"]
+    result = subprocess.run([sys.executable, "-m", "ssl_lightning", *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(" | ")[:2] for line in lines] == [["Epoch 0/1 end", "step 3"], ["Epoch 1/1 end", "step 6"]]
+    assert all("train/loss=" in line for line in lines)
 
 
 def test_every_run_saves_on_interrupt_keeps_rng_states_and_logs_throughput_and_input_wait():
