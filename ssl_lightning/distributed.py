@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world_size", "rank", "gather", "all_reduce_sum", "all_reduce_mean"]
+__all__ = ["world_size", "rank", "gather", "gather_equal_shards", "all_reduce_sum", "all_reduce_mean"]
 
 
 def world_size() -> int:
@@ -91,6 +91,21 @@ def gather(x: Tensor) -> Tensor:
     if world_size() == 1:
         return x
     return _Gather.apply(x.contiguous())
+
+
+@torch.no_grad()
+def gather_equal_shards(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, in rank order, without autograd.
+
+    Every rank must hold the same shape (training batches with ``drop_last``): unlike
+    :func:`gather`, no shard sizes are exchanged, so the host never waits for the device. For
+    state that follows the global batch (queues, per-sample memories), not for losses.
+    """
+    if world_size() == 1:
+        return x.detach()
+    chunks = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(chunks, x.detach().contiguous())
+    return torch.cat(chunks)
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:

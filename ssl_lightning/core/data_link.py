@@ -15,6 +15,7 @@ class DataFacts:
     in_chans: int | None
     image_size: int | None
     num_views: int | None
+    num_train_images: int | None  # known once the DataModule's setup('fit') has run
 
 
 def read_data_facts(trainer: L.Trainer | None) -> DataFacts | None:

@@ -123,6 +123,8 @@ class TrainModule(L.LightningModule):
         self.backbone: nn.Module | None = None
         self.nonfinite = NonFiniteGuard(on_nonfinite_loss, type(self).__name__)
         self._discard_gradients = False  # set by a skipped non-finite step
+        #: training images in the DataModule (None without one, or before its setup): sizes per-sample memories
+        self.num_train_images: int | None = None
 
     # ----------------------------------------------------------------- building
     def setup(self, stage: str) -> None:
@@ -138,6 +140,7 @@ class TrainModule(L.LightningModule):
                 self.hparams[key] = theirs
         if facts.num_views is not None:
             check_view_count(type(self).__name__, self.expected_views, facts.num_views)
+        self.num_train_images = facts.num_train_images
 
     def configure_model(self) -> None:
         if self.backbone is not None:  # Lightning calls this hook once per stage
@@ -186,6 +189,11 @@ class TrainModule(L.LightningModule):
 
     def on_optimizer_step(self, step: int) -> None:
         """Called after optimizer step ``step`` (0-indexed); teacher updates go here."""
+
+    def global_batch_size(self) -> int:
+        """Images per optimizer micro-step over all processes (batch x processes): the unit queues
+        are sized in. Needs the Trainer."""
+        return (self.hparams.batch_size or read_batch_size(self.trainer)) * self.trainer.world_size
 
     def parameter_groups(self) -> list[dict]:
         """The optimizer's groups (see ``core.optimization.configure_optimization``): ``weights`` and

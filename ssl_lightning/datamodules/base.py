@@ -199,6 +199,13 @@ class ViewDataModule(L.LightningDataModule, ABC):
         return sum(spec.num for spec in self.view_specs)
 
     @property
+    def num_train_images(self) -> int | None:
+        """Images in the training split, once ``setup("fit")`` has loaded it (None before): the
+        size of per-sample memories (``components.memory.IndexedMemory``)."""
+        train = self._datasets.get("train")
+        return None if train is None else len(train)
+
+    @property
     def train_wait_seconds(self) -> float | None:
         """Host seconds training has waited for batches from the current training loader (None
         before there is one); ``callbacks.InputWait`` turns it into a share of the training time."""

@@ -69,8 +69,11 @@ def test_properties_are_readable_before_setup(kind):
 
 def test_training_batch_follows_the_contract(kind):
     name, datamodule = kind
+    assert datamodule.num_train_images is None  # known once the training split is loaded
     datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    loader = datamodule.train_dataloader()
+    assert datamodule.num_train_images == len(loader.dataset)
+    batch = next(iter(loader))
     assert_batch_contract(batch, 2, datamodule.in_chans, datamodule.image_size, BATCH)
     if name == "folder_flat":
         assert (batch["label"] == -1).all()

@@ -18,9 +18,10 @@ TINY_BACKBONE = {
 TINY_VIT = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 16, "patch_size": 4, "depth": 2}}
 
 
-#: narrow heads for tests; each method takes the widths its constructor has
+#: narrow heads and a short queue for tests; each method takes the arguments its constructor has
+#: (64 rows: divisible by the tests' global batches, 8 to 32, and smaller than Digits' 1,437 images)
 SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
-SMALL_HEAD_WIDTHS = {**SMALL_HEADS, "pred_hidden_dim": 32}
+SMALL_HEAD_WIDTHS = {**SMALL_HEADS, "pred_hidden_dim": 32, "queue_size": 64}
 
 
 def tiny_method(method, backbone: dict | None = None, **kwargs):
