@@ -323,7 +323,8 @@ def build_lr_scheduler(
 
     Each group's peak is its own initial `"lr"` (so a probe group keeps its own LR), and
     `min_lr_ratio` / `const_lr_ratio` are fractions of that peak: a group with peak `p` ends at
-    `p * min_lr_ratio`. Absolute floors would not work for groups with different peaks.
+    `p * min_lr_ratio`. Absolute floors would not work for groups with different peaks. A group
+    with `"fixed_lr": True` stays at its peak throughout (no warm-up, no decay).
 
     - "warmup_cosine": `warmup_cosine_lr`; uses `warmup_steps`, `min_lr_ratio`.
     - "infinite": `infinite_lr` with `max_steps = total_steps`; also needs `cooldown_steps`,
@@ -361,5 +362,12 @@ def build_lr_scheduler(
             )
         return _warmup(step, warmup_steps, 1.0) if step < warmup_steps else 1.0
 
-    # LambdaLR evaluates step 0 when it is built, so the infinite schedule's checks run here too.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
+    # A group marked "fixed_lr" keeps its peak from the first step to the last (SimSiam's
+    # predictor); the others follow the shape. LambdaLR evaluates step 0 when it is built, so the
+    # infinite schedule's checks run here too.
+    shapes = [_fixed if group.get("fixed_lr") else shape for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, shapes)
+
+
+def _fixed(step: int) -> float:
+    return 1.0

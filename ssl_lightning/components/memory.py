@@ -81,9 +81,9 @@ class IndexedMemory(nn.Module):
     same memory. An image written more than once in one global batch (a sampler that repeats
     images to even out the shards) gets the mean of its writes, whatever their order.
 
-    Indices are checked against the size on every write where that costs nothing (on the CPU), and
-    on the first write on an accelerator (a read-back there would stall every step); the size comes
-    from the DataModule (``num_train_images``), so a correct DataModule never exceeds it.
+    Every read and write checks its indices against the size with an assertion the device
+    evaluates (no read-back to the host); the size comes from the DataModule
+    (``num_train_images``), so a correct DataModule never exceeds it.
 
     Args:
         size: number of training images.
@@ -96,7 +96,6 @@ class IndexedMemory(nn.Module):
         if size < 1:
             raise ValueError(f"IndexedMemory needs size >= 1 (the number of training images), got {size}")
         self.register_buffer("values", torch.full((size, *shape), float(fill)))
-        self._checked_on_accelerator = False
 
     @property
     def size(self) -> int:
@@ -125,14 +124,11 @@ class IndexedMemory(nn.Module):
         if index.is_floating_point() or index.dim() != 1:
             raise TypeError(f"IndexedMemory needs a 1-d integer index (batch['index']), got {index.dtype} "
                             f"of shape {tuple(index.shape)}")
-        if index.device.type != "cpu":
-            if self._checked_on_accelerator:
-                return
-            self._checked_on_accelerator = True
-        low, high = int(index.min()), int(index.max())
-        if low < 0 or high >= self.size:
-            raise IndexError(
-                f"IndexedMemory of {self.size} images got index {high if high >= self.size else low}: batch['index'] "
-                "must be the image's position in the training set (0 to size - 1). A DataModule whose dataset "
-                "length differs from num_train_images, or a custom loader without ssl_lightning's 'index', does this."
-            )
+        # An assertion the device evaluates: the host does not wait for it (on a GPU it surfaces
+        # at the next sync as a device-side assert carrying this message; on the CPU it raises here).
+        in_range = ((index >= 0) & (index < self.size)).all()
+        torch._assert_async(in_range, (
+            f"IndexedMemory of {self.size} images got an index outside 0..{self.size - 1}: batch['index'] must be "
+            "the image's position in the training set. A DataModule whose dataset length differs from "
+            "num_train_images, or a custom loader without ssl_lightning's 'index', does this."
+        ))

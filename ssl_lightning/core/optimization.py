@@ -56,7 +56,8 @@ def configure_optimization(
 
     Each group holds ``name``, ``params`` and ``weight_decay``, and optionally ``base_lr``, its own
     LR per 256 images scaled like ``config.lr`` (the online probe), or ``lr_scale``, a factor of the
-    scaled peak LR (layer-wise LR decay). The schedule follows every group's own peak. Build the
+    scaled peak LR (layer-wise LR decay), or ``fixed_lr: True``, which keeps the group at its peak
+    LR, outside the schedule (SimSiam's predictor). The schedule follows every group's own peak. Build the
     groups inside ``strategies.unsharded_parameters`` (FSDP flattens parameters outside it).
     """
     global_batch = global_batch_size(trainer, batch_size)

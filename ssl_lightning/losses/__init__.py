@@ -1,9 +1,20 @@
 """Losses as pure functions of tensors: no Lightning, no data, no I/O."""
 
 from ssl_lightning.losses.barlow_twins import barlow_twins
+from ssl_lightning.losses.batch_info_nce import batch_info_nce
 from ssl_lightning.losses.byol import normalized_regression
 from ssl_lightning.losses.cross_entropy import labelled_cross_entropy
+from ssl_lightning.losses.dcl import dcl, dclw
+from ssl_lightning.losses.isogclr import ISogCLRStep, isogclr, isogclr_temperature_step
+from ssl_lightning.losses.mochi import mix_hard_negatives
+from ssl_lightning.losses.moco import info_nce_with_queue
+from ssl_lightning.losses.nearest_neighbour import nearest_neighbours
 from ssl_lightning.losses.nt_xent import nt_xent
 from ssl_lightning.losses.soft_cross_entropy import soft_cross_entropy
+from ssl_lightning.losses.supcon import supcon
 
-__all__ = ["barlow_twins", "labelled_cross_entropy", "normalized_regression", "nt_xent", "soft_cross_entropy"]
+__all__ = [
+    "ISogCLRStep", "barlow_twins", "batch_info_nce", "dcl", "dclw", "info_nce_with_queue", "isogclr",
+    "isogclr_temperature_step", "labelled_cross_entropy", "mix_hard_negatives", "nearest_neighbours",
+    "normalized_regression", "nt_xent", "soft_cross_entropy", "supcon",
+]

@@ -2,11 +2,25 @@
 
 from ssl_lightning import _moved
 from ssl_lightning.methods import ssl, supervised
-from ssl_lightning.methods.ssl import BYOL, BarlowTwins, SimCLR, SSLMethod
+from ssl_lightning.methods.ssl import (
+    BYOL,
+    DCL,
+    DCLW,
+    NNCLR,
+    BarlowTwins,
+    ISogCLR,
+    MoCHi,
+    MoCoV2,
+    MoCoV3,
+    SimCLR,
+    SSLMethod,
+    SupCon,
+)
 from ssl_lightning.methods.supervised import Classifier, SupervisedMethod
 
 __all__ = [
-    "BYOL", "FAMILIES", "METHODS", "BarlowTwins", "Classifier", "SSLMethod", "SimCLR", "SupervisedMethod",
+    "BYOL", "DCL", "DCLW", "FAMILIES", "METHODS", "NNCLR", "BarlowTwins", "Classifier", "ISogCLR", "MoCHi", "MoCoV2",
+    "MoCoV3", "SSLMethod", "SimCLR", "SupCon", "SupervisedMethod",
 ]
 
 #: each family's methods by short name: "ssl" (self-supervised, ``SSLMethod``), "supervised"

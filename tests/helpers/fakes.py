@@ -18,10 +18,15 @@ TINY_BACKBONE = {
 TINY_VIT = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 16, "patch_size": 4, "depth": 2}}
 
 
-#: narrow heads and a short queue for tests; each method takes the arguments its constructor has
-#: (64 rows: divisible by the tests' global batches, 8 to 32, and smaller than Digits' 1,437 images)
+#: narrow heads and small memories for tests; each method takes the arguments its constructor has:
+#: a queue of 64 rows (divisible by the tests' global batches, 8 to 32, and smaller than Digits'
+#: 1,437 images), MoCHi mixing few of its hardest negatives, per-image memories sized for Digits
+#: (the fake loaders' indices are below it)
 SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
-SMALL_HEAD_WIDTHS = {**SMALL_HEADS, "pred_hidden_dim": 32, "queue_size": 64}
+SMALL_HEAD_WIDTHS = {
+    **SMALL_HEADS, "pred_hidden_dim": 32, "queue_size": 64, "num_hardest": 16, "num_mixed": 16, "num_query_mixed": 4,
+    "num_train_images": 1437,
+}
 
 
 def tiny_method(method, backbone: dict | None = None, **kwargs):

@@ -139,6 +139,16 @@ def test_build_lr_scheduler_warmup_cosine_follows_each_group_peak():
             assert lr == pytest.approx(warmup_cosine_lr(step, total, peak, warmup, 0.1 * peak))
 
 
+def test_build_lr_scheduler_keeps_a_fixed_lr_group_at_its_peak():
+    optimizer = two_group_optimizer((0.8, 0.05))
+    optimizer.param_groups[1]["fixed_lr"] = True  # SimSiam's predictor
+    total, warmup = 30, 5
+    scheduler = build_lr_scheduler(optimizer, "warmup_cosine", total, warmup)
+    for step, (scheduled, fixed) in enumerate(run_scheduler(scheduler, total)):
+        assert scheduled == pytest.approx(warmup_cosine_lr(step, total, 0.8, warmup, 0.0))
+        assert fixed == 0.05
+
+
 def test_build_lr_scheduler_infinite_follows_each_group_peak():
     peaks, total = (0.8, 0.05), 80
     scheduler = build_lr_scheduler(

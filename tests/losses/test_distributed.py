@@ -15,7 +15,7 @@ from ssl_lightning.distributed import (
     rank,
     world_size,
 )
-from ssl_lightning.losses import barlow_twins, normalized_regression, nt_xent
+from ssl_lightning.losses import barlow_twins, batch_info_nce, dcl, normalized_regression, nt_xent
 
 from helpers.gloo import WORLD_SIZE, run_on_two_ranks
 
@@ -23,6 +23,8 @@ LOSSES = {
     "nt_xent": nt_xent,
     "barlow_twins": barlow_twins,
     "normalized_regression": normalized_regression,
+    "dcl": dcl,
+    "batch_info_nce": batch_info_nce,
 }
 SHARD_SIZES = {"equal": [4, 4], "uneven": [3, 5]}
 GATHER_CASES = {

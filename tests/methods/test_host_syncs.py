@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from ssl_lightning.callbacks import ImagesPerSecond, ThrottledProgressBar
+from ssl_lightning.callbacks import ThrottledProgressBar
 from ssl_lightning.datamodules import device_views
 from ssl_lightning.datamodules.device_views import DeviceViews
 from ssl_lightning.datamodules.views import resolve_views
@@ -18,52 +18,7 @@ from ssl_lightning.evaluation import FineTune
 from helpers.fakes import fake_loader, tiny_method
 from helpers.host_syncs import HostSyncCounter
 from helpers.registry import REPRESENTATIVES, every_method
-
-LOG_EVERY = 3
-
-
-class CountSyncsPerStep(L.Callback):
-    """Opens the counter at the start of each training batch and closes it after every other
-    callback's batch end (the progress bar's included): the whole step, data loading aside."""
-
-    def __init__(self, counter: HostSyncCounter):
-        self.counter, self.per_step = counter, {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.counter.seen.clear()
-        self.counter.counting = True
-
-    def close(self, trainer):
-        self.counter.counting = False
-        self.per_step[trainer.global_step - 1] = dict(self.counter.seen)
-
-
-class CloseCount(L.Callback):
-    def __init__(self, opener: CountSyncsPerStep):
-        self.opener = opener
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.opener.close(trainer)
-
-
-def syncs_per_step(model: L.LightningModule, tmp_path, labelled: bool = True) -> dict[int, dict]:
-    """Syncing operations of each step of a short fit: labelled fake data (so the online probe
-    trains) or unlabelled (-1), the progress bar on, the logger writing every LOG_EVERY steps."""
-    counter = HostSyncCounter()
-    opener = CountSyncsPerStep(counter)
-    # The probe is trained (labels present), the bar is on, the logger writes every LOG_EVERY steps.
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=2 * LOG_EVERY, log_every_n_steps=LOG_EVERY, enable_checkpointing=False,
-        enable_model_summary=False, logger=L.pytorch.loggers.CSVLogger(tmp_path), limit_val_batches=0,
-        callbacks=[opener, ImagesPerSecond(), ThrottledProgressBar(metrics_every_s=3600), CloseCount(opener)],
-    )
-    loader = fake_loader(batch_size=8, length=64, size=16, num_classes=4)
-    if not labelled:
-        loader = torch.utils.data.DataLoader([{**row, "label": -1} for row in loader.dataset], batch_size=8)
-    with counter:
-        trainer.fit(model, loader)
-    assert len(opener.per_step) == 2 * LOG_EVERY
-    return opener.per_step
+from helpers.short_fit import LOG_EVERY, syncs_per_step
 
 
 def assert_syncs_only_on_logger_steps(per_step: dict[int, dict]) -> None:
@@ -74,9 +29,8 @@ def assert_syncs_only_on_logger_steps(per_step: dict[int, dict]) -> None:
 
 
 @pytest.mark.parametrize("name", every_method())
-def test_training_steps_between_logger_steps_make_no_host_sync(name, tmp_path):
-    model = tiny_method(name, in_chans=1, num_classes=4, batch_size=8, optimizer="lars", lr=0.3)
-    per_step = syncs_per_step(model, tmp_path)
+def test_training_steps_between_logger_steps_make_no_host_sync(name, short_fit):
+    per_step = short_fit(name).syncs_per_step  # bf16-mixed, labelled, LARS (helpers/short_fit.py)
     assert_syncs_only_on_logger_steps(per_step)
     # The counter does see the reads that logging needs: the guard's check and the accuracy sums.
     assert all(per_step[step] for step in (2, 5))
@@ -85,17 +39,17 @@ def test_training_steps_between_logger_steps_make_no_host_sync(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(REPRESENTATIVES.values()))
 def test_unlabelled_steps_make_no_host_sync_either(name, tmp_path):
     model = tiny_method(name, in_chans=1, num_classes=4, batch_size=8, optimizer="lars", lr=0.3)
-    assert_syncs_only_on_logger_steps(syncs_per_step(model, tmp_path, labelled=False))
+    assert_syncs_only_on_logger_steps(syncs_per_step(model, tmp_path, labelled=False)[1])
 
 
 def test_mixup_and_cutmix_steps_make_no_host_sync(tmp_path):
     model = tiny_method("Classifier", in_chans=1, num_classes=4, batch_size=8, mixup_alpha=0.8, cutmix_alpha=1.0)
-    assert_syncs_only_on_logger_steps(syncs_per_step(model, tmp_path))
+    assert_syncs_only_on_logger_steps(syncs_per_step(model, tmp_path)[1])
 
 
 def test_finetune_steps_make_no_host_sync(method_checkpoint, tmp_path):
     model = FineTune(pretrained=str(method_checkpoint), in_chans=1, num_classes=4, batch_size=8)
-    assert_syncs_only_on_logger_steps(syncs_per_step(model, tmp_path))
+    assert_syncs_only_on_logger_steps(syncs_per_step(model, tmp_path)[1])
 
 
 def test_device_views_on_an_accelerator_make_no_host_sync(monkeypatch):

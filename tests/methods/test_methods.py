@@ -30,13 +30,10 @@ def test_fast_dev_run_on_digits_learns_from_datamodule_facts(name):
 
 
 @pytest.mark.parametrize("name", every_method())
-def test_checkpoint_loads_with_weights_only(name, tmp_path):
-    model = tiny_method(name, in_chans=1, num_classes=4, batch_size=8)
-    trainer = quick_trainer(max_steps=1)
-    trainer.fit(model, fake_loader(size=16))
-    path = tmp_path / "method.ckpt"
-    trainer.save_checkpoint(path)
-    restored = METHODS[name].load_from_checkpoint(path, weights_only=True)
+def test_checkpoint_loads_with_weights_only(name, short_fit):
+    fit = short_fit(name)  # helpers/short_fit.py: 6 steps, then a checkpoint
+    model = fit.model
+    restored = METHODS[name].load_from_checkpoint(fit.checkpoint, weights_only=True)
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
     x = torch.randn(2, 1, 16, 16)
