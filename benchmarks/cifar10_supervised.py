@@ -1,6 +1,6 @@
 """Evidence that the supervised pipeline is right: ``Classifier`` on CIFAR-10 (JPEG copy) for a fixed budget.
 
-The recipe ``configs/cifar10/classifier.yaml`` (SGD + Nesterov, LR 0.1 per 256 images, weight decay
+The recipe ``configs/cifar10/classifier.yaml`` (SGD + Nesterov, LR 0.2 per 256 images, weight decay
 5e-4, cosine without warm-up, batch 128, padded crop + flip) runs through the CLI on the JPEG copy of
 CIFAR-10 (``../shared/data/cifar10_jpeg.npz``), with the backbone and the number of epochs set here,
 and without validation during the fit. Then ``test`` scores the test images (10,000, un-augmented).

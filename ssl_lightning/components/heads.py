@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -41,3 +43,24 @@ class LinearClassifier(nn.Linear):
 
     def __init__(self, in_dim: int, num_classes: int):
         super().__init__(in_dim, num_classes)
+
+
+class Prototypes(nn.Linear):
+    """SwAV's prototypes: K trainable unit vectors, scored against normalised projections by a
+    bias-free linear layer (cosine similarities).
+
+    The official code renormalises ``prototypes.weight`` in place, without gradient, before every
+    forward pass, and the optimizer then steps the unit-norm weights: call :meth:`normalize_` at the
+    start of each training step, not in ``forward`` (which may run more than once a step, and would
+    change weights that autograd has saved). Under FSDP it needs the unit's full weights
+    (``summon_full_params`` with write-back): a row's norm needs the whole row.
+    """
+
+    def __init__(self, in_dim: int, num_prototypes: int):
+        super().__init__(in_dim, num_prototypes, bias=False)
+        self.normalize_()
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """Rescale every prototype (a row of the weight) to unit L2 norm, in place."""
+        self.weight.copy_(F.normalize(self.weight, dim=1))

@@ -28,6 +28,11 @@ from ssl_lightning.datamodules.sampling import (
     split_seeded_item,
 )
 from ssl_lightning.datamodules.sources import ImageSource, check_labels
+from ssl_lightning.datamodules.style_standardization import (
+    DEFAULT_MIX,
+    check_style_parameters,
+    standardize_batch_styles,
+)
 from ssl_lightning.datamodules.views import (
     MultiViewTransform,
     ViewSpec,
@@ -39,6 +44,9 @@ Split = Literal["train", "val", "bank"]
 
 #: ``dataloader_idx`` of the validation split and of the kNN bank once ``request_knn_bank()`` was called
 QUERIES, BANK = 0, 1
+
+#: Offsets a batch's seed for the choice of its style images, so it draws apart from its views
+STYLE_SEED_OFFSET = 0x5717E
 
 
 class ViewDataset(Dataset):
@@ -96,6 +104,17 @@ class ViewDataModule(L.LightningDataModule, ABC):
             Meant for accelerators; the first batch of each shape compiles. See docs/device_views.md.
         seed: seed of the training order and augmentations; None: the run's `seed_everything` seed,
             or a fresh random one without it. Checkpoints store it, so a resumed run keeps its own.
+        batch_styles: Batch Styles Standardization (Scalbert et al., ICLR 2024; see
+            `style_standardization.py` and docs/batch_styles.md): after the views are made, each view
+            index of a training batch gets the low-frequency Fourier amplitude of one of its images,
+            drawn at random, while every image keeps its phase. Any method can switch it on; it runs
+            in `on_after_batch_transfer` on both view paths, on [0, 1] pixels (the views are
+            un-normalised, standardised and normalised again). Validation and kNN-bank batches are
+            left alone.
+        batch_styles_area_ratio: fraction of the spectrum whose amplitude is shared, a number in
+            (0, 1] or a range (low, high) drawn per view index and batch; required with
+            ``batch_styles`` (the paper's value is not verified here, docs/batch_styles.md).
+        batch_styles_mix: weight of the shared amplitude inside that region; 1 replaces it (BSS).
     """
 
     def __init__(
@@ -111,6 +130,9 @@ class ViewDataModule(L.LightningDataModule, ABC):
         in_memory: bool = False,
         compile_views: bool = False,
         seed: int | None = None,
+        batch_styles: bool = False,
+        batch_styles_area_ratio: float | tuple[float, float] | None = None,
+        batch_styles_mix: float = DEFAULT_MIX,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -127,6 +149,8 @@ class ViewDataModule(L.LightningDataModule, ABC):
             if wanted and view_device == "cpu":
                 raise ValueError(f"{option}=True needs device-side views, but view_device='cpu' draws them per image "
                                  f"in the DataLoader workers: set view_device to 'device' or 'auto', or {option}=False")
+        if batch_styles:
+            check_style_parameters(batch_styles_area_ratio, batch_styles_mix, prefix="batch_styles_")
         self._batch_size = batch_size
         self.num_workers = num_workers
         self.views = views
@@ -140,6 +164,10 @@ class ViewDataModule(L.LightningDataModule, ABC):
         self.views_on_device = False  # view_device resolved in setup("fit")
         self._images_in_memory: ImagesInMemory | None = None
         self.seed = seed
+        self.batch_styles = batch_styles
+        self.batch_styles_area_ratio = batch_styles_area_ratio
+        self.batch_styles_mix = batch_styles_mix
+        self._pixel_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._knn_bank_requested = False
         self._datasets: dict[Split, ViewDataset | None] = {}
         self._train_loader: ResumableDataLoader | None = None
@@ -283,13 +311,19 @@ class ViewDataModule(L.LightningDataModule, ABC):
         return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # Only training batches carry `image`; validation, kNN-bank and predict batches already hold
+        # Only training batches are touched: validation, kNN-bank and predict batches already hold
         # the CPU's un-augmented view.
-        if not (self.views_on_device and self.trainer is not None and self.trainer.training):
+        if self.trainer is None or not self.trainer.training:
             return batch
-        if self._images_in_memory is not None and "image" not in batch:
-            batch = {**batch, "image": self._images_in_memory.gather(batch["index"])}
-        return make_views_on_device(batch, self.device_views) if "image" in batch else batch
+        seed = batch.get("seed") if isinstance(batch, dict) else None  # make_views_on_device consumes it
+        if self.views_on_device:
+            if self._images_in_memory is not None and "image" not in batch:
+                batch = {**batch, "image": self._images_in_memory.gather(batch["index"])}
+            if "image" in batch:
+                batch = make_views_on_device(batch, self.device_views)
+        if self.batch_styles and isinstance(batch, dict) and "views" in batch:
+            batch = {**batch, "views": self._standardize_styles(batch["views"], seed)}
+        return batch
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split (the one validation uses; CIFAR's and STL-10's official test sets), un-augmented."""
@@ -337,6 +371,24 @@ class ViewDataModule(L.LightningDataModule, ABC):
         self._train_loader.load_state_dict(position)
 
     # Internals.
+
+    def _standardize_styles(self, views: list[torch.Tensor], seed: int | None) -> list[torch.Tensor]:
+        """BSS on each view index separately (multi-crop views differ in size), on [0, 1] pixels: the
+        paper standardises images, not normalised tensors, and the two differ at the DC term (a
+        normalised mean can be negative, and an amplitude has no sign). Device-side views seed the
+        choice from the batch's seed, so a resumed run restyles its batches the same way; CPU-path
+        batches carry no seed and draw from the device's global generator."""
+        device = views[0].device
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed + STYLE_SEED_OFFSET)
+        if device not in self._pixel_stats:  # copied once per device, not once per batch
+            stats = (torch.tensor(s, dtype=torch.float32).view(1, -1, 1, 1).to(device) for s in (self.mean, self.std))
+            self._pixel_stats[device] = tuple(stats)
+        mean, std = self._pixel_stats[device]
+        return [
+            (standardize_batch_styles(view * std + mean, generator, self.batch_styles_area_ratio, self.batch_styles_mix) - mean)
+            / std
+            for view in views
+        ]
 
     def _plain_dataset(self, source: ImageSource) -> ViewDataset:
         plain = resolve_views("none", self.image_size, self.in_chans)

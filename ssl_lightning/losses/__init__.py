@@ -6,15 +6,21 @@ from ssl_lightning.losses.byol import normalized_regression
 from ssl_lightning.losses.cross_entropy import labelled_cross_entropy
 from ssl_lightning.losses.dcl import dcl, dclw
 from ssl_lightning.losses.isogclr import ISogCLRStep, isogclr, isogclr_temperature_step
+from ssl_lightning.losses.mixed_barlow_twins import mixed_barlow_twins_regulariser
 from ssl_lightning.losses.mochi import mix_hard_negatives
 from ssl_lightning.losses.moco import info_nce_with_queue
+from ssl_lightning.losses.myow import mine_views, mined_view_loss
 from ssl_lightning.losses.nearest_neighbour import nearest_neighbours
 from ssl_lightning.losses.nt_xent import nt_xent
+from ssl_lightning.losses.sinkhorn import sinkhorn_knopp
 from ssl_lightning.losses.soft_cross_entropy import soft_cross_entropy
 from ssl_lightning.losses.supcon import supcon
+from ssl_lightning.losses.swav import swapped_prediction
+from ssl_lightning.losses.vicreg import VICRegLoss, vicreg
 
 __all__ = [
-    "ISogCLRStep", "barlow_twins", "batch_info_nce", "dcl", "dclw", "info_nce_with_queue", "isogclr",
-    "isogclr_temperature_step", "labelled_cross_entropy", "mix_hard_negatives", "nearest_neighbours",
-    "normalized_regression", "nt_xent", "soft_cross_entropy", "supcon",
+    "ISogCLRStep", "VICRegLoss", "barlow_twins", "batch_info_nce", "dcl", "dclw", "info_nce_with_queue", "isogclr",
+    "isogclr_temperature_step", "labelled_cross_entropy", "mine_views", "mined_view_loss", "mix_hard_negatives",
+    "mixed_barlow_twins_regulariser", "nearest_neighbours", "normalized_regression", "nt_xent", "sinkhorn_knopp",
+    "soft_cross_entropy", "supcon", "swapped_prediction", "vicreg",
 ]

@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from ssl_lightning.distributed import all_reduce_sum
+from ssl_lightning.losses._batch_stats import centre_over_global_batch, check_two_rows_per_process
 from ssl_lightning.losses._checks import check_paired_rows
 
 
@@ -34,12 +35,7 @@ def barlow_twins(z1: Tensor, z2: Tensor, lambda_offdiag: float = 5e-3, eps: floa
         The scalar loss, in the input dtype, or in float32 for lower-precision inputs.
     """
     check_paired_rows("barlow_twins", z1, z2)
-    if z1.shape[0] < 2:
-        # Checked per process (not globally) so that no rank has to wait for a count.
-        raise ValueError(
-            f"barlow_twins needs at least 2 samples per process to standardise each dimension, "
-            f"got z1 and z2 of shape {tuple(z1.shape)}"
-        )
+    check_two_rows_per_process("barlow_twins", z1, "to standardise each dimension")
 
     # The D x D correlation and the per-dimension sums overflow or lose precision in half
     # precision; autocast would re-lower the matmul.
@@ -47,11 +43,7 @@ def barlow_twins(z1: Tensor, z2: Tensor, lambda_offdiag: float = 5e-3, eps: floa
     with torch.autocast(z1.device.type, enabled=False):
         z1, z2 = z1.to(dtype), z2.to(dtype)
         dim = z1.shape[1]
-        count = z1.new_tensor([z1.shape[0]])
-        sums = all_reduce_sum(torch.cat([z1.sum(dim=0), z2.sum(dim=0), count]))
-        n_global = sums[-1]
-        centred1 = z1 - sums[:dim] / n_global
-        centred2 = z2 - sums[dim : 2 * dim] / n_global
+        (centred1, centred2), n_global = centre_over_global_batch(z1, z2)
 
         # Cross-products and squared deviations share one collective; standardising afterwards
         # is the same as correlating standardised inputs.

@@ -6,21 +6,27 @@ from ssl_lightning.methods.ssl import (
     BYOL,
     DCL,
     DCLW,
+    MYOW,
     NNCLR,
     BarlowTwins,
     ISogCLR,
+    MixedBarlowTwins,
     MoCHi,
     MoCoV2,
     MoCoV3,
     SimCLR,
+    SimSiam,
     SSLMethod,
     SupCon,
+    SwAV,
+    VICReg,
 )
 from ssl_lightning.methods.supervised import Classifier, SupervisedMethod
 
 __all__ = [
-    "BYOL", "DCL", "DCLW", "FAMILIES", "METHODS", "NNCLR", "BarlowTwins", "Classifier", "ISogCLR", "MoCHi", "MoCoV2",
-    "MoCoV3", "SSLMethod", "SimCLR", "SupCon", "SupervisedMethod",
+    "BYOL", "DCL", "DCLW", "FAMILIES", "METHODS", "MYOW", "NNCLR", "BarlowTwins", "Classifier", "ISogCLR",
+    "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3", "SSLMethod", "SimCLR", "SimSiam", "SupCon", "SupervisedMethod",
+    "SwAV", "VICReg",
 ]
 
 #: each family's methods by short name: "ssl" (self-supervised, ``SSLMethod``), "supervised"

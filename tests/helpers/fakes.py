@@ -21,11 +21,11 @@ TINY_VIT = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 
 #: narrow heads and small memories for tests; each method takes the arguments its constructor has:
 #: a queue of 64 rows (divisible by the tests' global batches, 8 to 32, and smaller than Digits'
 #: 1,437 images), MoCHi mixing few of its hardest negatives, per-image memories sized for Digits
-#: (the fake loaders' indices are below it)
+#: (the fake loaders' indices are below it), few SwAV prototypes, narrow MYOW mining heads
 SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
 SMALL_HEAD_WIDTHS = {
     **SMALL_HEADS, "pred_hidden_dim": 32, "queue_size": 64, "num_hardest": 16, "num_mixed": 16, "num_query_mixed": 4,
-    "num_train_images": 1437,
+    "num_train_images": 1437, "num_prototypes": 32, "mined_proj_hidden_dim": 32, "mined_proj_dim": 8,
 }
 
 
