@@ -3,8 +3,9 @@
 The runs are real CLI processes with two DataLoader workers. The backbone uses drop path, so the
 model draws from the global RNG every step: the test fails if the RNG states, the data order or
 the per-sample augmentation seeds are not restored exactly. One method per family, each on one of
-the two view paths: SimCLR with views drawn on the device, and Classifier with views per image in
-the workers and Mixup / CutMix, which draws from numpy's global RNG every step.
+the two view paths: MoCoV2 with views drawn on the device (its key queue and EMA key encoder must
+come back bit for bit too), and Classifier with views per image in the workers and Mixup / CutMix,
+which draws from numpy's global RNG every step.
 """
 
 import os
@@ -28,10 +29,10 @@ KILL_AT = 15  # three steps after the mid-epoch checkpoint at step 12
 
 
 MODELS = {
-    "SimCLR": {"proj_hidden_dim": 32, "proj_dim": 16},
+    "MoCoV2": {"proj_hidden_dim": 32, "proj_dim": 16, "queue_size": 128},  # 2 global batches of 64
     "Classifier": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1},
 }
-VIEWS = {"SimCLR": "simclr", "Classifier": "supervised"}
+VIEWS = {"MoCoV2": "simclr", "Classifier": "supervised"}
 
 
 def recipe(method: str, view_device: str) -> dict:
@@ -67,7 +68,7 @@ def final_state(run_name: str) -> dict:
     return torch.load(Path("runs") / run_name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("method,view_device", [("SimCLR", "device"), ("Classifier", "cpu")])
+@pytest.mark.parametrize("method,view_device", [("MoCoV2", "device"), ("Classifier", "cpu")])
 def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, method, view_device):
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe(method, view_device)))
@@ -89,7 +90,7 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, method,
     expected, got = final_state("straight"), final_state("killed")
     assert got["global_step"] == expected["global_step"] == 2 * STEPS_PER_EPOCH
     assert expected["state_dict"].keys() == got["state_dict"].keys()
-    for name, tensor in expected["state_dict"].items():
+    for name, tensor in expected["state_dict"].items():  # the queue and the key encoder included
         assert torch.equal(tensor, got["state_dict"][name]), name
     for key, moments in expected["optimizer_states"][0]["state"].items():
         for name, value in moments.items():
