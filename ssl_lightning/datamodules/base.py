@@ -21,6 +21,7 @@ from ssl_lightning.datamodules.device_batches import (
     resolve_view_device,
 )
 from ssl_lightning.datamodules.device_views import DeviceViews
+from ssl_lightning.datamodules.label_fraction import PartiallyLabelled, labelled_subset, write_labelled_subset
 from ssl_lightning.datamodules.sampling import (
     ResumableDataLoader,
     SeededSampler,
@@ -115,6 +116,12 @@ class ViewDataModule(L.LightningDataModule, ABC):
             (0, 1] or a range (low, high) drawn per view index and batch; required with
             ``batch_styles`` (the paper's value is not verified here, docs/batch_styles.md).
         batch_styles_mix: weight of the shared amplitude inside that region; 1 replaces it (BSS).
+        label_fraction: keep the labels of only this fraction of the training images, the same share
+            of every class (semi-supervised fine-tuning: SimCLRv2's 0.01 and 0.1); the others read
+            as unlabelled (-1), which the losses mask. None keeps every label. The subset depends
+            on ``label_fraction_seed`` alone (the same on every rank and rerun) and is written to
+            ``labelled_subset.json`` in the run directory. The kNN bank, a monitor, keeps every label.
+        label_fraction_seed: seed of the labelled subset.
     """
 
     def __init__(
@@ -133,6 +140,8 @@ class ViewDataModule(L.LightningDataModule, ABC):
         batch_styles: bool = False,
         batch_styles_area_ratio: float | tuple[float, float] | None = None,
         batch_styles_mix: float = DEFAULT_MIX,
+        label_fraction: float | None = None,
+        label_fraction_seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -149,6 +158,8 @@ class ViewDataModule(L.LightningDataModule, ABC):
             if wanted and view_device == "cpu":
                 raise ValueError(f"{option}=True needs device-side views, but view_device='cpu' draws them per image "
                                  f"in the DataLoader workers: set view_device to 'device' or 'auto', or {option}=False")
+        if label_fraction is not None and not 0.0 < label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1] (e.g. 0.1 for 10% of the labels) or None, got {label_fraction}")
         if batch_styles:
             check_style_parameters(batch_styles_area_ratio, batch_styles_mix, prefix="batch_styles_")
         self._batch_size = batch_size
@@ -167,6 +178,8 @@ class ViewDataModule(L.LightningDataModule, ABC):
         self.batch_styles = batch_styles
         self.batch_styles_area_ratio = batch_styles_area_ratio
         self.batch_styles_mix = batch_styles_mix
+        self.label_fraction = label_fraction
+        self.label_fraction_seed = label_fraction_seed
         self._pixel_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._knn_bank_requested = False
         self._datasets: dict[Split, ViewDataset | None] = {}
@@ -243,11 +256,18 @@ class ViewDataModule(L.LightningDataModule, ABC):
         """Make val_dataloader() also return the un-augmented training split (dataloader_idx 1)."""
         self._knn_bank_requested = True
 
+    def raw_images(self, split: Split) -> ImageSource:
+        """A split's stored uint8 images and labels, checked, before any view (corruption streams
+        read the held-out split, "val", to corrupt it themselves)."""
+        return self._checked_images(split)
+
     # Lightning hooks.
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
             train = self._checked_images("train")
+            if self.label_fraction is not None:
+                train = self._keep_label_fraction(train)
             self._check_batch_fits(len(train))
             self.views_on_device = self._resolve_view_device() == "device"
             if self.views_on_device:
@@ -389,6 +409,13 @@ class ViewDataModule(L.LightningDataModule, ABC):
             / std
             for view in views
         ]
+
+    def _keep_label_fraction(self, train: ImageSource) -> PartiallyLabelled:
+        kept = labelled_subset(train.labels, self.label_fraction, self.label_fraction_seed, type(self).__name__)
+        if self.trainer is not None and self.trainer.is_global_zero:
+            write_labelled_subset(self.trainer.log_dir or self.trainer.default_root_dir, kept, self.label_fraction,
+                                  self.label_fraction_seed)
+        return PartiallyLabelled(train, kept)
 
     def _plain_dataset(self, source: ImageSource) -> ViewDataset:
         plain = resolve_views("none", self.image_size, self.in_chans)

@@ -96,7 +96,34 @@ def test_test_reports_top_k_and_writes_results_like_the_evaluations(tmp_path):
     record = json.loads((tmp_path / "test_top1.json").read_text())
     assert record["value"] == pytest.approx(100 * tested["test/top1"], abs=1e-4) and record["dataset"] == "Digits"
     lines = (tmp_path / "results.md").read_text().splitlines()
-    assert [line.split(" | ")[4] for line in lines[2:]] == ["test_top1", "test_top5"]
+    assert [line.split(" | ")[4] for line in lines[2:]] == ["test_top1", "test_top5", "test_ece"]
+
+
+def plain_ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error written out: 15 equal-width bins of the top-1 confidence."""
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    total = 0.0
+    for low, high in zip(np.linspace(0, 1, bins + 1)[:-1], np.linspace(0, 1, bins + 1)[1:]):
+        members = (confidence > low) & (confidence <= high)
+        if members.any():
+            gap = abs((predicted[members] == labels[members]).mean() - confidence[members].mean())
+            total += members.mean() * gap
+    return total
+
+
+def test_test_reports_the_expected_calibration_error_of_the_held_out_predictions(tmp_path):
+    model = tiny_method("Classifier", optimizer="adamw", lr=1e-3)
+    data = digits()
+    trainer = quick_trainer(max_steps=4, limit_val_batches=0, default_root_dir=tmp_path,
+                            callbacks=[EmbeddingWriter("predictions.npz")])
+    trainer.fit(model, data)
+    tested = trainer.test(model, data, verbose=False)[0]
+    trainer.predict(model, datamodule=data, return_predictions=False)
+    saved = np.load(tmp_path / "predictions.npz")
+    expected = plain_ece(saved["probs"].astype(np.float64), saved["label"])
+    assert expected > 0.01  # a 4-step model is far from calibrated: the comparison has something to compare
+    assert tested["test/ece"] == pytest.approx(expected, abs=1e-5)
+    assert json.loads((tmp_path / "test_ece.json").read_text())["value"] == pytest.approx(100 * expected, abs=1e-3)
 
 
 def test_predict_writes_logits_and_probabilities(tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from ssl_lightning.components.heads import LinearClassifier
 from ssl_lightning.core.data_link import read_data_facts, require_views
@@ -22,6 +22,9 @@ from ssl_lightning.evaluation.results import write_result
 from ssl_lightning.methods.supervised.labels import LabelRange
 
 TOP_K = (1, 5)
+
+#: equal-width confidence bins of the expected calibration error (Guo et al. 2017; PS-KD reports it)
+ECE_BINS = 15
 
 
 class SupervisedMethod(TrainModule):
@@ -39,9 +42,11 @@ class SupervisedMethod(TrainModule):
     numbers (``LabelRange``).
 
     Logged: ``train/top1``, ``train/top5`` (labelled rows of the global batch, logger steps);
-    ``val/loss``, ``val/top1``, ``val/top5``; ``test/top1``, ``test/top5`` with ``test``, which also
-    writes ``test_top1.json``, ``test_top5.json`` and lines of ``results.md`` (percent) into the run
-    directory. ``validation_step`` returns ``feats`` and, as ``embeds``, the logits, so the kNN and
+    ``val/loss``, ``val/top1``, ``val/top5``, ``val/ece``; ``test/top1``, ``test/top5``, ``test/ece``
+    with ``test``, which also writes ``test_top1.json``, ``test_top5.json``, ``test_ece.json`` and
+    lines of ``results.md`` (percent) into the run directory. ECE is the expected calibration error
+    over 15 equal-width confidence bins of the top-1 softmax probability (Guo et al. 2017):
+    sum over bins of (share of images) x |accuracy - mean confidence|. ``validation_step`` returns ``feats`` and, as ``embeds``, the logits, so the kNN and
     spectrum monitors work as for the self-supervised methods; ``predict_step`` returns ``feats``,
     ``logits``, ``probs`` (softmax), ``label`` and ``index``. ``forward`` gives the logits.
 
@@ -101,6 +106,8 @@ class SupervisedMethod(TrainModule):
                 for k in TOP_K:
                     metric = MulticlassAccuracy(classes, top_k=min(k, classes), average="micro", ignore_index=-1)
                     setattr(self, f"{stage}_top{k}", metric)
+                ece = MulticlassCalibrationError(classes, n_bins=ECE_BINS, norm="l1", ignore_index=-1)
+                setattr(self, f"{stage}_ece", ece)
             self.val_loss = MeanMetric()
 
     # ----------------------------------------------------------------- outputs
@@ -145,13 +152,16 @@ class SupervisedMethod(TrainModule):
             metric = getattr(self, f"{stage}_top{k}")
             metric(logits, labels)
             self.log(f"{stage}/top{k}", metric, prog_bar=k == 1, add_dataloader_idx=False)
+        ece = getattr(self, f"{stage}_ece")
+        ece(logits.float(), labels)
+        self.log(f"{stage}/ece", ece, add_dataloader_idx=False)
 
     def on_test_end(self) -> None:
         protocol = f"{type(self).__name__} logits on the un-augmented held-out split"
-        for k in TOP_K:
-            value = self.trainer.callback_metrics.get(f"test/top{k}")
+        for name in [f"top{k}" for k in TOP_K] + ["ece"]:
+            value = self.trainer.callback_metrics.get(f"test/{name}")
             if value is not None:  # the epochs column stays empty: the checkpoint's training is not this run's
-                write_result(self.trainer, protocol, f"test_top{k}", 100.0 * float(value), None, self.trainer.ckpt_path)
+                write_result(self.trainer, protocol, f"test_{name}", 100.0 * float(value), None, self.trainer.ckpt_path)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         require_views(batch, type(self).__name__)
