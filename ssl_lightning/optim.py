@@ -309,6 +309,17 @@ def cosine_momentum(
     return _half_cosine(min(step, total_steps) / total_steps, base_momentum, final_momentum)
 
 
+def cosine_weight_decay(step: int, total_steps: int, start: float, end: float) -> float:
+    """DINO's weight-decay schedule (Caron et al. 2021; its ``cosine_scheduler`` without warm-up):
+    `end + (start - end) * (1 + cos(pi * k / K)) / 2`, `start` at k = 0, `end` at k = K and after.
+
+    A function of the optimizer step alone, so a resumed run continues it exactly.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}.")
+    return _half_cosine(min(step, total_steps) / total_steps, start, end)
+
+
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     schedule: str,

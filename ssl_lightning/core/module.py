@@ -27,9 +27,13 @@ from ssl_lightning.core.data_link import (
     require_views,
 )
 from ssl_lightning.core.nonfinite import NonFiniteGuard
-from ssl_lightning.core.optimization import OptimizationConfig, configure_optimization
+from ssl_lightning.core.optimization import (
+    OptimizationConfig,
+    apply_weight_decay_schedule,
+    configure_optimization,
+)
 from ssl_lightning.core.step_logging import log_learning_rates, logger_writes_this_step
-from ssl_lightning.optim import param_groups
+from ssl_lightning.optim import cosine_weight_decay, param_groups
 from ssl_lightning.strategies import unsharded_parameters
 
 #: what ``on_save_checkpoint`` copies from the DataModule into ``checkpoint["data_facts"]``
@@ -63,6 +67,10 @@ class TrainModule(L.LightningModule):
         lr: peak learning rate per 256 images, scaled by ``lr_scaling`` with the global batch
             (batch x processes x accumulated batches); "none" uses it as given.
         weight_decay: applied to weights, never to biases and normalisation parameters.
+        weight_decay_end: None keeps ``weight_decay`` constant; a value moves the ``weights`` group's
+            weight decay from ``weight_decay`` to it on a cosine over the optimizer steps (DINO's
+            0.04 -> 0.4), set before every step from the global step (so resuming continues it) and
+            logged as ``wd/weights`` on logger steps.
         momentum: of sgd and lars.
         optimizer_kwargs: further optimizer arguments (``betas``, ``eps``, ``trust_coeff``, ``nesterov``).
         schedule: per optimizer step: "warmup_cosine", "infinite" (warm-up, cosine cool-down,
@@ -101,6 +109,7 @@ class TrainModule(L.LightningModule):
         lr: float = 0.3,
         lr_scaling: Literal["linear", "sqrt", "none"] = "linear",
         weight_decay: float = 1e-6,
+        weight_decay_end: float | None = None,
         momentum: float = 0.9,
         optimizer_kwargs: dict[str, Any] | None = None,
         schedule: Literal["warmup_cosine", "infinite", "constant"] = "warmup_cosine",
@@ -232,6 +241,10 @@ class TrainModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         # Lightning calls this once per real optimizer step, never per accumulated micro-batch.
         step = self.trainer.global_step
+        hp = self.hparams
+        if hp.weight_decay_end is not None:  # from the step alone, so a resumed run continues the schedule
+            apply_weight_decay_schedule(self.trainer.optimizers[0], step, int(self.trainer.estimated_stepping_batches),
+                                        hp.weight_decay, hp.weight_decay_end)
         super().optimizer_step(*args, **kwargs)
         self.on_optimizer_step(step)
 
@@ -247,6 +260,12 @@ class TrainModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         log_learning_rates(self)
+        hp = self.hparams
+        if hp.weight_decay_end is not None and logger_writes_this_step(self.trainer):
+            # the value this step's update uses (optimizer_step sets it from the same global step)
+            total_steps = int(self.trainer.estimated_stepping_batches)
+            decay = cosine_weight_decay(self.trainer.global_step, total_steps, hp.weight_decay, hp.weight_decay_end)
+            self.log("wd/weights", decay, batch_size=1)
 
     def configure_optimizers(self):
         with unsharded_parameters(self.trainer):  # FSDP: decide decay by each parameter's real shape

@@ -5,6 +5,7 @@ from ssl_lightning.losses.batch_info_nce import batch_info_nce
 from ssl_lightning.losses.byol import normalized_regression
 from ssl_lightning.losses.cross_entropy import labelled_cross_entropy
 from ssl_lightning.losses.dcl import dcl, dclw
+from ssl_lightning.losses.dino import dino_centre_update, dino_loss, dino_teacher_targets
 from ssl_lightning.losses.isogclr import ISogCLRStep, isogclr, isogclr_temperature_step
 from ssl_lightning.losses.mixed_barlow_twins import mixed_barlow_twins_regulariser
 from ssl_lightning.losses.mochi import mix_hard_negatives
@@ -19,7 +20,7 @@ from ssl_lightning.losses.swav import swapped_prediction
 from ssl_lightning.losses.vicreg import VICRegLoss, vicreg
 
 __all__ = [
-    "ISogCLRStep", "VICRegLoss", "barlow_twins", "batch_info_nce", "dcl", "dclw", "info_nce_with_queue", "isogclr",
+    "ISogCLRStep", "VICRegLoss", "barlow_twins", "batch_info_nce", "dcl", "dclw", "dino_centre_update", "dino_loss", "dino_teacher_targets", "info_nce_with_queue", "isogclr",
     "isogclr_temperature_step", "labelled_cross_entropy", "mine_views", "mined_view_loss", "mix_hard_negatives",
     "mixed_barlow_twins_regulariser", "nearest_neighbours", "normalized_regression", "nt_xent", "sinkhorn_knopp",
     "soft_cross_entropy", "supcon", "swapped_prediction", "vicreg",

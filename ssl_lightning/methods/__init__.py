@@ -6,6 +6,7 @@ from ssl_lightning.methods.ssl import (
     BYOL,
     DCL,
     DCLW,
+    DINO,
     MYOW,
     NNCLR,
     BarlowTwins,
@@ -24,7 +25,7 @@ from ssl_lightning.methods.ssl import (
 from ssl_lightning.methods.supervised import Classifier, SupervisedMethod
 
 __all__ = [
-    "BYOL", "DCL", "DCLW", "FAMILIES", "METHODS", "MYOW", "NNCLR", "BarlowTwins", "Classifier", "ISogCLR",
+    "BYOL", "DCL", "DCLW", "DINO", "FAMILIES", "METHODS", "MYOW", "NNCLR", "BarlowTwins", "Classifier", "ISogCLR",
     "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3", "SSLMethod", "SimCLR", "SimSiam", "SupCon", "SupervisedMethod",
     "SwAV", "VICReg",
 ]

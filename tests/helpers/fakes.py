@@ -25,7 +25,7 @@ TINY_VIT = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 
 SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
 SMALL_HEAD_WIDTHS = {
     **SMALL_HEADS, "pred_hidden_dim": 32, "queue_size": 64, "num_hardest": 16, "num_mixed": 16, "num_query_mixed": 4,
-    "num_train_images": 1437, "num_prototypes": 32, "mined_proj_hidden_dim": 32, "mined_proj_dim": 8,
+    "num_train_images": 1437, "num_prototypes": 32, "mined_proj_hidden_dim": 32, "mined_proj_dim": 8, "out_dim": 64,
 }
 
 

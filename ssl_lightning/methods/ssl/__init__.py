@@ -4,6 +4,7 @@ from ssl_lightning.methods.ssl.barlow_twins import BarlowTwins
 from ssl_lightning.methods.ssl.base import SSLMethod
 from ssl_lightning.methods.ssl.byol import BYOL
 from ssl_lightning.methods.ssl.dcl import DCL, DCLW
+from ssl_lightning.methods.ssl.dino import DINO
 from ssl_lightning.methods.ssl.isogclr import ISogCLR
 from ssl_lightning.methods.ssl.mixed_barlow_twins import MixedBarlowTwins
 from ssl_lightning.methods.ssl.mochi import MoCHi
@@ -18,14 +19,14 @@ from ssl_lightning.methods.ssl.swav import SwAV
 from ssl_lightning.methods.ssl.vicreg import VICReg
 
 __all__ = [
-    "BYOL", "DCL", "DCLW", "MYOW", "NNCLR", "BarlowTwins", "ISogCLR", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3",
+    "BYOL", "DCL", "DCLW", "DINO", "MYOW", "NNCLR", "BarlowTwins", "ISogCLR", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3",
     "SSLMethod", "SimCLR", "SimSiam", "SupCon", "SwAV", "VICReg",
 ]
 
 #: the self-supervised methods by short name: the foundation three, the contrastive family, then
-#: the non-contrastive and clustering family
+#: the non-contrastive and clustering family, then self-distillation
 METHODS = {
     cls.__name__: cls
     for cls in (SimCLR, BarlowTwins, BYOL, MoCoV2, MoCHi, MoCoV3, NNCLR, DCL, DCLW, SupCon, ISogCLR,
-                SimSiam, VICReg, MixedBarlowTwins, SwAV, MYOW)
+                SimSiam, VICReg, MixedBarlowTwins, SwAV, MYOW, DINO)
 }

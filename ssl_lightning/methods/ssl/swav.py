@@ -13,6 +13,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from ssl_lightning.components.heads import MLPHead, Prototypes
 from ssl_lightning.components.memory import FeatureQueue
+from ssl_lightning.components.multicrop import forward_per_resolution
 from ssl_lightning.distributed import rank, world_size
 from ssl_lightning.losses.sinkhorn import sinkhorn_knopp
 from ssl_lightning.losses.swav import swapped_prediction
@@ -108,7 +109,7 @@ class SwAV(SSLMethod):
     def shared_step(self, batch: dict) -> dict:
         views = batch["views"]
         num_images = views[0].shape[0]
-        feats = torch.cat([self.backbone(torch.cat(group)) for group in _same_size_runs(views)])
+        feats = forward_per_resolution(self.backbone, views)
         projections = F.normalize(self.projector(feats), dim=1)
         scores = self.prototypes(projections).view(len(views), num_images, -1)
         assigned = projections[: NUM_ASSIGNED_CROPS * num_images].detach().view(NUM_ASSIGNED_CROPS, num_images, -1)
@@ -141,17 +142,6 @@ class SwAV(SSLMethod):
         if self.current_epoch < self.hparams.freeze_prototypes_epochs:
             for parameter in self.prototypes.parameters():
                 parameter.grad = None
-
-
-def _same_size_runs(views: list[Tensor]) -> list[list[Tensor]]:
-    """Consecutive views of one resolution, grouped (the global crops, then the local ones)."""
-    runs: list[list[Tensor]] = []
-    for view in views:
-        if runs and runs[-1][0].shape == view.shape:
-            runs[-1].append(view)
-        else:
-            runs.append([view])
-    return runs
 
 
 def _full_weights(module: torch.nn.Module):
