@@ -22,12 +22,12 @@ from ssl_lightning.methods.ssl import (
     SwAV,
     VICReg,
 )
-from ssl_lightning.methods.supervised import Classifier, SupervisedMethod
+from ssl_lightning.methods.supervised import DKD, KD, NKD, Classifier, SupervisedMethod
 
 __all__ = [
-    "BYOL", "DCL", "DCLW", "DINO", "FAMILIES", "METHODS", "MYOW", "NNCLR", "BarlowTwins", "Classifier", "ISogCLR",
-    "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3", "SSLMethod", "SimCLR", "SimSiam", "SupCon", "SupervisedMethod",
-    "SwAV", "VICReg",
+    "BYOL", "BarlowTwins", "Classifier", "DCL", "DCLW", "DINO", "DKD", "FAMILIES", "ISogCLR", "KD", "METHODS", "MYOW",
+    "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3", "NKD", "NNCLR", "SSLMethod", "SimCLR", "SimSiam", "SupCon",
+    "SupervisedMethod", "SwAV", "VICReg",
 ]
 
 #: each family's methods by short name: "ssl" (self-supervised, ``SSLMethod``), "supervised"

@@ -37,8 +37,20 @@ def tiny_method(method, backbone: dict | None = None, **kwargs):
 
     cls = METHODS[method] if isinstance(method, str) else method
     accepted = inspect.signature(cls.__init__).parameters
+    if "teacher" in accepted and not any(key.startswith("teacher") for key in kwargs):  # distillation students
+        kwargs["teacher"] = tiny_teacher(kwargs.get("in_chans") or 1, kwargs.get("num_classes") or 10)
     heads = {name: width for name, width in SMALL_HEAD_WIDTHS.items() if name in accepted}
     return cls(**(backbone or TINY_BACKBONE), **{**heads, **kwargs})
+
+
+def tiny_teacher(in_chans: int = 1, num_classes: int = 10):
+    """A frozen-teacher stand-in for the distillation students: the tiny ResNet with a classifier, seeded
+    (1 channel and 10 classes: Digits, what ``tiny_method`` is used with when no sizes are given)."""
+    import timm
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return timm.create_model("resnet18", in_chans=in_chans, num_classes=num_classes, **TINY_BACKBONE["backbone_kwargs"])
 
 
 def quick_trainer(**kwargs):

@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import Metric
 
 from ssl_lightning.backbones import build_backbone
-from ssl_lightning.components import EMATeacher, OnlineProbe
+from ssl_lightning.components import EMATeacher, FrozenTeacher, OnlineProbe
 from ssl_lightning.methods import BYOL
 from ssl_lightning.strategies import (
     TIMM_TRANSFORMER_BLOCKS,
@@ -39,6 +39,9 @@ def modules_outside_every_unit(owner: str, module: nn.Module) -> list[str]:
         path = f"{owner}.{name}"
         if isinstance(child, EMATeacher):
             left_out += modules_outside_every_unit(f"{path}.module", child.module)
+        elif isinstance(child, FrozenTeacher):  # a classifier: one timm unit, or a Sequential (backbone, head)
+            if not wrapped_by_policy(child.model):
+                left_out += modules_outside_every_unit(f"{path}.model", child.model)
         elif isinstance(child, nn.Sequential) and not wrapped_by_policy(child):  # a teacher's (backbone, projector)
             left_out += modules_outside_every_unit(path, child)
         elif not (wrapped_by_policy(child) or isinstance(child, (OnlineProbe, Metric))) and next(child.parameters(), None) is not None:

@@ -1,0 +1,83 @@
+"""KD (Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural Network"): a student
+trained on the labels and on a frozen teacher's temperature-softened predictions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ssl_lightning.components.frozen_teacher import FrozenTeacher
+from ssl_lightning.losses import labelled_cross_entropy
+from ssl_lightning.losses.kd import kd_loss
+from ssl_lightning.methods.supervised.base import SupervisedMethod
+
+
+class KD(SupervisedMethod):
+    """Knowledge distillation from a frozen classifier teacher:
+
+        loss = ce_weight * CE(s, y) + kd_weight * T^2 KL(softmax(t / T) || softmax(s / T))
+
+    with s, t the student's and the teacher's logits of the same augmented view (the teacher runs
+    online, under no_grad), the KL summed over classes and averaged over the batch
+    (``losses.kd.kd_loss``). Defaults are mdistiller's CIFAR-100 setting (megvii-research/mdistiller,
+    ``mdistiller/engine/cfg.py`` ``CFG.KD``, ``mdistiller/distillers/KD.py``): T = 4, ce_weight 0.1,
+    kd_weight 0.9. With kd_weight 0 and ce_weight 1 this is the ``Classifier`` baseline.
+
+    Unlabelled rows (label -1): the cross-entropy masks them, the KD term keeps them (it needs no
+    label), so unlabelled images still learn from the teacher.
+
+    Logged terms: ``loss/ce`` and ``loss/kd`` (unweighted). The teacher (``teacher``, a
+    :class:`~ssl_lightning.components.frozen_teacher.FrozenTeacher`) is loaded in ``setup("fit")`` from
+    one source, and left out of checkpoints unless ``save_teacher``; see that class.
+
+    Args:
+        temperature: T, the softmax temperature of both distributions in the KD term.
+        ce_weight: weight of the cross-entropy with the labels.
+        kd_weight: weight of the KD term.
+        teacher_ckpt: a checkpoint of a supervised method (``Classifier``, a distilled student), or an
+            exported backbone ``.safetensors`` (with ``teacher_head``).
+        teacher_head: with an exported backbone: a file with the classifier head's weight and bias.
+        teacher_timm: a timm model name, with ``teacher_weights`` (a local state dict file) and
+            ``teacher_timm_kwargs`` (its builder arguments).
+        teacher: a teacher ``nn.Module`` (images -> logits) in Python; not saved in the
+            hyperparameters (pass it again to ``load_from_checkpoint`` to resume).
+        save_teacher: keep the teacher's weights in the student's checkpoints.
+        **kwargs: backbone, data, optimizer and schedule arguments of :class:`SupervisedMethod`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 4.0,
+        ce_weight: float = 0.1,
+        kd_weight: float = 0.9,
+        teacher_ckpt: str | None = None,
+        teacher_head: str | None = None,
+        teacher_timm: str | None = None,
+        teacher_weights: str | None = None,
+        teacher_timm_kwargs: dict[str, Any] | None = None,
+        teacher: nn.Module | None = None,
+        save_teacher: bool = False,
+        **kwargs: Any,
+    ):
+        if temperature <= 0:
+            raise ValueError(f"KD: temperature must be > 0, got {temperature}.")
+        teacher_module, teacher = teacher, None  # hyperparameters hold no module (checkpoints load weights_only)
+        super().__init__(**kwargs)
+        self.teacher = FrozenTeacher(type(self).__name__, teacher_ckpt, teacher_head, teacher_timm, teacher_weights,
+                                     teacher_timm_kwargs, teacher_module, save_teacher)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":  # validate, test and predict need no teacher
+            hp = self.hparams
+            self.teacher.load(hp.num_classes, hp.in_chans, self.trainer.datamodule, hp.channels_last)
+
+    def shared_step(self, batch: dict) -> dict:
+        images, labels = batch["views"][0], batch["label"]
+        feats = self.backbone(images)
+        logits = self.head(feats)
+        ce = labelled_cross_entropy(logits, labels)
+        kd = kd_loss(logits, self.teacher(images), self.hparams.temperature)
+        loss = self.hparams.ce_weight * ce + self.hparams.kd_weight * kd
+        return {"loss": loss, "loss/ce": ce, "loss/kd": kd, "feats": feats, "logits": logits}
