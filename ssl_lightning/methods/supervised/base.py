@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from ssl_lightning.components.frozen_teacher import FrozenTeacher
 from ssl_lightning.components.heads import LinearClassifier
 from ssl_lightning.core.data_link import read_data_facts, require_views
 from ssl_lightning.core.module import TrainModule
@@ -35,6 +36,9 @@ class SupervisedMethod(TrainModule):
     what the logits should predict, ``logits`` (training top-1 / top-5 are logged from them). Rows
     labelled -1 are unlabelled: losses mask them (``losses.labelled_cross_entropy``), so a batch
     with some or none labelled trains without a host sync, and without stalling DDP.
+
+    A distillation student holds its teacher as a ``FrozenTeacher`` attribute; ``setup("fit")``
+    loads it (validate, test and predict need no teacher file).
 
     Labels are required: a DataModule without classes stops in ``setup``, and so does a
     ``num_classes`` below the DataModule's; a training label beyond ``num_classes`` (data that
@@ -75,8 +79,14 @@ class SupervisedMethod(TrainModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         facts = read_data_facts(self.trainer)
-        if facts is None:
-            return
+        if facts is not None:
+            self._check_labels_against(facts)
+        if stage == "fit":  # a distillation student's teacher; validate, test and predict need none
+            hp = self.hparams
+            for teacher in (module for module in self.children() if isinstance(module, FrozenTeacher)):
+                teacher.load(hp.num_classes, hp.in_chans, self.trainer.datamodule, hp.channels_last)
+
+    def _check_labels_against(self, facts) -> None:
         datamodule = type(self.trainer.datamodule).__name__
         if not facts.num_classes:
             raise ValueError(

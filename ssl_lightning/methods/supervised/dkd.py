@@ -74,12 +74,6 @@ class DKD(SupervisedMethod):
         self.teacher = FrozenTeacher(type(self).__name__, teacher_ckpt, teacher_head, teacher_timm, teacher_weights,
                                      teacher_timm_kwargs, teacher_module, save_teacher)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit":  # validate, test and predict need no teacher
-            hp = self.hparams
-            self.teacher.load(hp.num_classes, hp.in_chans, self.trainer.datamodule, hp.channels_last)
-
     def shared_step(self, batch: dict) -> dict:
         hp = self.hparams
         images, labels = batch["views"][0], batch["label"]
