@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ssl_lightning.distributed import all_reduce_sum
-from ssl_lightning.losses._checks import check_paired_rows
+from ssl_lightning.losses._checks import check_distillation_inputs
 
 #: mdistiller's offset that takes the target class out of a softmax (exp(-1000) is 0 in float32 and 64)
 TARGET_OFFSET = 1000.0
@@ -49,14 +49,7 @@ def decoupled_kd_terms(
     Returns:
         (TCKD, NCKD) as scalars, in float32 or the inputs' wider dtype.
     """
-    check_paired_rows("dkd", student_logits, teacher_logits, ("student_logits", "teacher_logits"))
-    if labels.shape != student_logits.shape[:1] or labels.is_floating_point():
-        raise ValueError(
-            f"dkd expects labels as an integer tensor of shape [N] = {tuple(student_logits.shape[:1])} "
-            f"(-1: unlabelled), got {labels.dtype} of shape {tuple(labels.shape)}"
-        )
-    if temperature <= 0:
-        raise ValueError(f"dkd needs temperature > 0, got {temperature}")
+    check_distillation_inputs("dkd", student_logits, teacher_logits, temperature, labels)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     with torch.autocast(student_logits.device.type, enabled=False):
         s = student_logits.to(dtype) / temperature

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ssl_lightning.distributed import all_reduce_sum
-from ssl_lightning.losses._checks import check_paired_rows
+from ssl_lightning.losses._checks import check_distillation_inputs
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -38,9 +38,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     Returns:
         The scalar loss, in float32 or the inputs' wider dtype.
     """
-    check_paired_rows("kd_loss", student_logits, teacher_logits, ("student_logits", "teacher_logits"))
-    if temperature <= 0:
-        raise ValueError(f"kd_loss needs temperature > 0, got {temperature}")
+    check_distillation_inputs("kd_loss", student_logits, teacher_logits, temperature)
     # Half-precision softmaxes lose the small probabilities that carry the teacher's "dark knowledge".
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     with torch.autocast(student_logits.device.type, enabled=False):

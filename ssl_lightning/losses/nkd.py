@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ssl_lightning.distributed import all_reduce_sum
-from ssl_lightning.losses._checks import check_paired_rows
+from ssl_lightning.losses._checks import check_distillation_inputs
 
 
 def nkd_terms(
@@ -52,14 +52,7 @@ def nkd_terms(
     Returns:
         (target, non_target) as scalars, in float32 or the inputs' wider dtype.
     """
-    check_paired_rows("nkd", student_logits, teacher_logits, ("student_logits", "teacher_logits"))
-    if labels.shape != student_logits.shape[:1] or labels.is_floating_point():
-        raise ValueError(
-            f"nkd expects labels as an integer tensor of shape [N] = {tuple(student_logits.shape[:1])} "
-            f"(-1: unlabelled), got {labels.dtype} of shape {tuple(labels.shape)}"
-        )
-    if temperature <= 0:
-        raise ValueError(f"nkd needs temperature > 0, got {temperature}")
+    check_distillation_inputs("nkd", student_logits, teacher_logits, temperature, labels)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     with torch.autocast(student_logits.device.type, enabled=False):
         s, t = student_logits.to(dtype), teacher_logits.detach().to(dtype)
