@@ -34,7 +34,7 @@ from ssl_lightning.callbacks.throughput import ImagesPerSecond, InputWait
 from ssl_lightning.checkpoint_io import AtomicCheckpointIO
 from ssl_lightning.evaluation import EVALUATIONS
 from ssl_lightning.export import export_command
-from ssl_lightning.methods import FAMILIES, METHODS
+from ssl_lightning.methods import FAMILIES, METHODS, TTAMethod
 from ssl_lightning.run_lock import is_launch_rank_zero, lock_run, release_run_locks
 from ssl_lightning.runs import (
     find_resume_checkpoint,
@@ -203,6 +203,8 @@ class SSLCLI(LightningCLI):
         ):
             # A bar that redraws itself fills a file (a SLURM log, `> log.txt`) with carriage returns.
             callbacks.append(ThrottledProgressBar() if sys.stderr.isatty() else ProgressLines())
+        if self.subcommand == "test" and isinstance(getattr(self, "model", None), TTAMethod):
+            kwargs["inference_mode"] = False  # test-time adaptation takes gradients inside `test`
         return super().instantiate_trainer(**{**kwargs, "plugins": plugins, "callbacks": callbacks})
 
     def _subcommand_config(self):

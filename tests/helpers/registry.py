@@ -7,7 +7,7 @@ marker there, skipped unless selected (``pytest -m all_methods``).
 
 import pytest
 
-from ssl_lightning.methods import FAMILIES, METHODS
+from ssl_lightning.methods import FAMILIES, TRAINABLE
 
 #: the method that stands for its family in the costliest paths of the default suite
 REPRESENTATIVES = {"ssl": "BYOL", "supervised": "Classifier"}
@@ -25,7 +25,8 @@ FIT_METRICS = {
 
 
 def every_method() -> list[str]:
-    return sorted(METHODS)
+    """The methods ``fit`` trains: test-time adaptation has its own tests (tests/methods/test_tta_*.py)."""
+    return sorted(TRAINABLE)
 
 
 def costly_paths() -> list:
@@ -36,7 +37,7 @@ def costly_paths() -> list:
 
 def view_preset(name: str) -> str:
     """A view preset whose view count the method takes."""
-    expected = METHODS[name].expected_views
+    expected = TRAINABLE[name].expected_views
     fewest = expected if isinstance(expected, int) else expected[0]
     return {1: "supervised", 2: "simclr"}.get(fewest, "dino")
 
