@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--backbone-kwargs", default=SMALL_RESNET, help="JSON builder arguments for timm resnet18")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cifar10_supervised.json")
+    parser.add_argument("--save-checkpoint", type=Path, default=None,
+                        help="also save the trained Classifier here (the source model of cifar10c_tta.py)")
     args = parser.parse_args()
     if not args.data.exists():
         parser.error(f"{args.data} not found: see ../shared/data/README.md for the CIFAR-10 JPEG copy")
@@ -91,6 +93,8 @@ def main() -> None:
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
     fit_seconds = time.perf_counter() - start
+    if args.save_checkpoint is not None:
+        cli.trainer.save_checkpoint(args.save_checkpoint)
     start = time.perf_counter()
     tested = cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0]
     test_seconds = time.perf_counter() - start

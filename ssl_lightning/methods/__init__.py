@@ -23,12 +23,13 @@ from ssl_lightning.methods.ssl import (
     VICReg,
 )
 from ssl_lightning.methods.supervised import DKD, KD, NKD, Classifier, SupervisedMethod
-from ssl_lightning.methods.tta import BNAdapt, Source, Tent, TTAMethod
+from ssl_lightning.methods.tta import EATA, RMT, ROID, SAR, BNAdapt, CoTTA, Source, Tent, TTAMethod
 
 __all__ = [
     "BYOL", "BNAdapt", "BarlowTwins", "Classifier", "DCL", "DCLW", "DINO", "DKD", "FAMILIES", "ISogCLR", "KD",
     "METHODS", "MYOW", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3", "NKD", "NNCLR", "SSLMethod", "SimCLR",
-    "SimSiam", "Source", "SupCon", "SupervisedMethod", "SwAV", "TRAINABLE", "TTAMethod", "Tent", "VICReg",
+    "SimSiam", "Source", "SupCon", "SupervisedMethod", "SwAV", "TRAINABLE", "TTAMethod", "Tent", "VICReg", "EATA", "SAR",
+    "CoTTA", "RMT", "ROID",
 ]
 
 #: each family's methods by short name: "ssl" (self-supervised, ``SSLMethod``), "supervised"

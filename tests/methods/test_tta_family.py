@@ -92,15 +92,19 @@ def test_reset_restores_the_source_state_bit_for_bit(name, tmp_path):
     trainer, _ = run_tta(method, tmp_path, stream=tiny_stream(tmp_path, num_samples=20), limit_test_batches=3)
     snapshot = {key: value.clone() for key, value in method.state_dict().items()}
     optimizer = method.tta_optimizer
-    if method.adapted:  # it adapted: its state moved off the source state
+    if name in ("Tent", "CoTTA", "RMT", "ROID"):  # they step on every batch (EATA, SAR may filter all out)
         assert any(not torch.equal(value, method._source_state[key]) for key, value in snapshot.items())
     method.reset()
     state = method.state_dict()
     assert state.keys() == method._source_state.keys()
     for key, value in state.items():
         assert torch.equal(value, method._source_state[key]), key
-    if optimizer is not None:
-        assert optimizer.state_dict()["state"] == {}
+    if optimizer is not None:  # the optimizer's state at test start: empty, or RMT's moments after its warm-up
+        restored, recorded = optimizer.state_dict()["state"], method._source_optimizer_state["state"]
+        assert restored.keys() == recorded.keys()
+        for index, entry in recorded.items():
+            for key, value in entry.items():
+                assert torch.equal(restored[index][key], value) if torch.is_tensor(value) else restored[index][key] == value
 
 
 def test_reset_each_shift_starts_every_domain_from_the_source_model(tmp_path):

@@ -1,0 +1,182 @@
+"""ROID (Marsden, Döbler, Yang, "Universal Test-time Adaptation through Weight Ensembling, Diversity
+Weighting, and Prior Correction", WACV 2024)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ssl_lightning.losses.roid import (
+    batch_class_prior,
+    certainty_diversity_weights,
+    class_probs_ema_update,
+    prior_correction,
+    soft_likelihood_ratio,
+    symmetric_cross_entropy,
+)
+from ssl_lightning.methods.tta.base import TTAMethod
+from ssl_lightning.methods.tta.params import adapt_only, normalisation_affine_parameters, use_test_batch_statistics
+from ssl_lightning.methods.tta.roid_augment import roid_augment
+
+
+class ROID(TTAMethod):
+    """Self-training on the normalisation layers' affine parameters that stays near the source model.
+    Per test batch (the benchmark's ``classification/methods/roid.py``):
+
+    1. the logits of the test images, with BatchNorm on the batch's statistics (the prediction);
+    2. certainty and diversity weights (``losses.roid.certainty_diversity_weights``): images predicted
+       unlike the moving average of recent batches' class probabilities (``class_probs_ema``, momentum
+       ``momentum_probs``) and with low entropy weigh more; the less diverse half is left out;
+    3. the loss: the weighted soft likelihood ratio (SLR) plus, with ``use_consistency``, the weighted
+       symmetric cross-entropy between the kept images' logits and those of one random augmentation of
+       them (``roid_augment``), both summed over the kept images and divided by the batch's image count
+       (the benchmark divides by ``TEST.BATCH_SIZE``: the same but on a domain's short last batch, which
+       CIFAR-10-C's 10,000 images per domain in batches of 200 never have);
+    4. one optimizer step, then weight ensembling: every adapted parameter becomes
+       ``momentum_src * theta + (1 - momentum_src) * theta_source`` (the benchmark's ``ema_update_model``);
+    5. the returned prediction: the step-1 logits (from the parameters before this batch's update)
+       multiplied per class by the smoothed class prior of the batch (``losses.roid.prior_correction``).
+
+    Only the ``weight`` and ``bias`` of BatchNorm, LayerNorm and GroupNorm layers adapt; BatchNorm
+    normalises with the test batch's statistics (the benchmark's ``collect_params``/``configure_model``).
+
+    Defaults are the benchmark's for CIFAR-10-C: ``cfgs/cifar10_c/roid.yaml`` (Adam, LR 1e-3, betas
+    (0.9, 0.999), no weight decay, batch 200, one step) and the ``ROID`` options of
+    ``classification/conf.py`` (weighting, prior correction and consistency on, ``MOMENTUM_SRC`` 0.99,
+    ``MOMENTUM_PROBS`` 0.9, ``TEMPERATURE`` 1/3). The SLR clip (0.99) and eps (1e-5) and the symmetric
+    cross-entropy's alpha (0.5) are the benchmark's fixed constants (``classification/utils/losses.py``).
+
+    The consistency pass takes only the kept images, as the benchmark, so that BatchNorm normalises
+    them with their own statistics: choosing them reads the selection's size on the host, one sync per
+    batch (like the family's reset flag). The augmentation works on pixels, so the test data must name
+    its normalisation (``mean``, ``std``: our DataModules do). Its random parameters, one draw per batch
+    as the benchmark's transforms on a batch tensor, come from ``augment_generator``, a CPU generator
+    seeded with the run's seed (``torch.initial_seed()``, rank 0's): every process draws the same
+    augmentation, so several processes adapt as one does. :meth:`reset` leaves it running (the
+    benchmark's global generator is not reset either; an episodic run would otherwise repeat one
+    augmentation on every batch). Under several processes the weights' normalisation, the class prior
+    and its moving average are over the global batch.
+
+    Args:
+        use_weighting: certainty and diversity weights (off: every image weighs 1 and
+            ``class_probs_ema`` stays uniform).
+        use_prior_correction: return prior-corrected logits (off: the plain logits).
+        use_consistency: add the consistency loss on augmented images.
+        momentum_src: weight ensembling's momentum (1: no ensembling).
+        momentum_probs: momentum of the moving average of the batches' class probabilities.
+        temperature: the temperature of the weights, ``exp(d c / temperature)``.
+        **kwargs: the source model, optimizer and data arguments of :class:`TTAMethod`.
+    """
+
+    def __init__(
+        self,
+        use_weighting: bool = True,
+        use_prior_correction: bool = True,
+        use_consistency: bool = True,
+        momentum_src: float = 0.99,
+        momentum_probs: float = 0.9,
+        temperature: float = 1 / 3,
+        **kwargs,
+    ):
+        name = type(self).__name__
+        for option, value in (("momentum_src", momentum_src), ("momentum_probs", momentum_probs)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name}: {option} must be in [0, 1] (the weight of the running value), got {value}")
+        if temperature <= 0:
+            raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+        super().__init__(**kwargs)
+
+    def configure_adaptation(self) -> list[nn.Parameter]:
+        name = type(self).__name__
+        use_test_batch_statistics(self.model)
+        parameters = normalisation_affine_parameters(self.model)
+        if not parameters:
+            raise ValueError(
+                f"{name}: the source model ({self.source.describe()}) has no normalisation layer with an affine weight "
+                "and bias (BatchNorm, LayerNorm, GroupNorm), so ROID has nothing to adapt."
+            )
+        adapted = adapt_only(self.model, parameters)
+        # Constant: the source values the adapted parameters are averaged with, flat (buffers move with the module).
+        self.register_buffer("source_parameters", torch.cat([p.detach().reshape(-1) for p in adapted]).clone(),
+                             persistent=False)
+        classes = self._class_count()
+        # A buffer, so that reset() restores it with the state dict: the benchmark starts it uniform.
+        self.register_buffer("class_probs_ema", torch.full((classes,), 1 / classes))
+        if self.hparams.use_consistency:
+            mean, std = self._pixel_normalisation()
+            self.register_buffer("pixel_mean", mean, persistent=False)
+            self.register_buffer("pixel_std", std, persistent=False)
+            # The augmentation's draws: one generator from the run's seed, rank 0's under DDP, so that every
+            # process draws the same parameters whatever else used the global RNG (rank 0 alone prepares data).
+            seed = torch.initial_seed()
+            if self._trainer is not None:
+                seed = self.trainer.strategy.broadcast(seed)
+            self.augment_generator = torch.Generator().manual_seed(seed)
+        return adapted
+
+    def forward_and_adapt(self, images: Tensor) -> Tensor:
+        hp = self.hparams
+        logits = self.model(images)
+        prior, count = batch_class_prior(logits)
+        weights, keep = torch.ones(len(images), device=logits.device), None  # unweighted: every image, weight 1
+        if hp.use_weighting:
+            weights, keep = certainty_diversity_weights(logits, self.class_probs_ema, hp.temperature)
+            self.class_probs_ema.copy_(class_probs_ema_update(self.class_probs_ema, prior, hp.momentum_probs))
+        # Left-out images have weight 0: summing over all equals the benchmark's sum over the kept ones.
+        loss = (soft_likelihood_ratio(logits) * weights).sum() / len(images)
+        if hp.use_consistency:
+            kept = None if keep is None else keep.nonzero().squeeze(1)  # a host sync: the pass is sized by it
+            chosen, chosen_logits, chosen_weights = (
+                (images, logits, weights) if kept is None else
+                (images.index_select(0, kept), logits.index_select(0, kept), weights.index_select(0, kept)))
+            augmented = self.model(self.augment(chosen))
+            loss = loss + (symmetric_cross_entropy(augmented, chosen_logits) * chosen_weights).sum() / len(images)
+        self.adapt_step(loss, len(images))
+        self.ensemble_with_source()
+        if hp.use_prior_correction:
+            return prior_correction(logits.detach(), prior, count)
+        return logits
+
+    # ----------------------------------------------------------------- parts
+    def augment(self, images: Tensor) -> Tensor:
+        """:func:`roid_augment` of normalised images: to pixels, augmented, normalised again."""
+        pixels = images * self.pixel_std + self.pixel_mean
+        return (roid_augment(pixels, self.augment_generator) - self.pixel_mean) / self.pixel_std
+
+    @torch.no_grad()
+    def ensemble_with_source(self) -> None:
+        """Weight ensembling: ``theta <- m * theta + (1 - m) * theta_source`` for every adapted parameter."""
+        momentum = self.hparams.momentum_src
+        if momentum >= 1:
+            return
+        sources = torch.split(self.source_parameters, [p.numel() for p in self.adapted])
+        for parameter, source in zip(self.adapted, sources):
+            parameter.copy_(momentum * parameter + (1 - momentum) * source.view_as(parameter))
+
+    def _class_count(self) -> int:
+        """The number of classes: the data's, else the source model's (``num_classes`` or its head's
+        ``out_features``)."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        head = getattr(self.model, "head", None)
+        for found in (self.hparams.num_classes, getattr(datamodule, "num_classes", None),
+                      getattr(self.model, "num_classes", None), getattr(head, "out_features", None)):
+            if isinstance(found, int) and found >= 2:
+                return found
+        raise ValueError(
+            f"{type(self).__name__} keeps a moving average of the class probabilities, but the number of classes is "
+            f"unknown: neither the data nor the source model ({self.source.describe()}) names it. Pass num_classes."
+        )
+
+    def _pixel_normalisation(self) -> tuple[Tensor, Tensor]:
+        """The test data's per-channel mean and std, shaped to broadcast over ``[B, C, H, W]``."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if mean is None or std is None:
+            raise ValueError(
+                f"{type(self).__name__}'s consistency loss augments pixels, so it needs the test data's normalisation, "
+                f"but {type(datamodule).__name__} has no mean and std. Test on one of our DataModules (a "
+                "CorruptionStream), or set use_consistency: false."
+            )
+        mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        return mean, std
