@@ -18,7 +18,7 @@ from ssl_lightning.losses.eata import (
 )
 from ssl_lightning.losses.entropy import softmax_entropy
 from ssl_lightning.methods.tta.base import TTAMethod
-from ssl_lightning.methods.tta.params import adapt_only, normalisation_affine_parameters, use_test_batch_statistics
+from ssl_lightning.methods.tta.params import adapt_normalisation_affine
 
 #: the seed of the source images the Fisher information is estimated on (the same on every process)
 FISHER_SEED = 0
@@ -111,18 +111,12 @@ class EATA(TTAMethod):
         self.anchors: list[Tensor] | None = None
 
     def configure_adaptation(self) -> list[nn.Parameter]:
-        use_test_batch_statistics(self.model)
-        parameters = normalisation_affine_parameters(self.model)
-        if not parameters:
-            raise ValueError(
-                f"{type(self).__name__}: the source model ({self.source.describe()}) has no normalisation layer with "
-                "an affine weight and bias (BatchNorm, LayerNorm, GroupNorm), so EATA has nothing to adapt."
-            )
+        adapted = adapt_normalisation_affine(self)
         classes = class_count(self)
         self.margin = self.hparams.margin_e0 * math.log(classes)
         self.register_buffer("average_probs", torch.zeros(classes))
         self.register_buffer("has_average_probs", torch.tensor(False))
-        return adapt_only(self.model, parameters)
+        return adapted
 
     def on_test_start(self) -> None:
         super().on_test_start()  # checks the mode, builds the optimizer, snapshots the source state

@@ -43,3 +43,17 @@ def adapt_only(model: nn.Module, parameters: list[tuple[str, nn.Parameter]]) -> 
     for _, parameter in parameters:
         parameter.requires_grad_(True)
     return [parameter for _, parameter in parameters]
+
+
+def adapt_normalisation_affine(method) -> list[nn.Parameter]:
+    """Tent's selection, shared by Tent, EATA and ROID: BatchNorm on test-batch statistics, and only the
+    normalisation layers' affine parameters adapt (the rest frozen). Refuses a model without any."""
+    use_test_batch_statistics(method.model)
+    parameters = normalisation_affine_parameters(method.model)
+    if not parameters:
+        name = type(method).__name__
+        raise ValueError(
+            f"{name}: the source model ({method.source.describe()}) has no normalisation layer with an affine weight "
+            f"and bias (BatchNorm, LayerNorm, GroupNorm), so {name} has nothing to adapt."
+        )
+    return adapt_only(method.model, parameters)

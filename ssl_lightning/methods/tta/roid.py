@@ -15,7 +15,7 @@ from ssl_lightning.losses.roid import (
     symmetric_cross_entropy,
 )
 from ssl_lightning.methods.tta.base import TTAMethod
-from ssl_lightning.methods.tta.params import adapt_only, normalisation_affine_parameters, use_test_batch_statistics
+from ssl_lightning.methods.tta.params import adapt_normalisation_affine
 from ssl_lightning.methods.tta.roid_augment import roid_augment
 
 
@@ -87,15 +87,7 @@ class ROID(TTAMethod):
         super().__init__(**kwargs)
 
     def configure_adaptation(self) -> list[nn.Parameter]:
-        name = type(self).__name__
-        use_test_batch_statistics(self.model)
-        parameters = normalisation_affine_parameters(self.model)
-        if not parameters:
-            raise ValueError(
-                f"{name}: the source model ({self.source.describe()}) has no normalisation layer with an affine weight "
-                "and bias (BatchNorm, LayerNorm, GroupNorm), so ROID has nothing to adapt."
-            )
-        adapted = adapt_only(self.model, parameters)
+        adapted = adapt_normalisation_affine(self)
         # Constant: the source values the adapted parameters are averaged with, flat (buffers move with the module).
         self.register_buffer("source_parameters", torch.cat([p.detach().reshape(-1) for p in adapted]).clone(),
                              persistent=False)

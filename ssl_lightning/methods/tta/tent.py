@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ssl_lightning.losses.entropy import softmax_entropy
 from ssl_lightning.methods.tta.base import TTAMethod
-from ssl_lightning.methods.tta.params import adapt_only, normalisation_affine_parameters, use_test_batch_statistics
+from ssl_lightning.methods.tta.params import adapt_normalisation_affine
 
 
 class Tent(TTAMethod):
@@ -24,14 +24,7 @@ class Tent(TTAMethod):
     """
 
     def configure_adaptation(self) -> list[nn.Parameter]:
-        use_test_batch_statistics(self.model)
-        parameters = normalisation_affine_parameters(self.model)
-        if not parameters:
-            raise ValueError(
-                f"{type(self).__name__}: the source model ({self.source.describe()}) has no normalisation layer with "
-                "an affine weight and bias (BatchNorm, LayerNorm, GroupNorm), so Tent has nothing to adapt."
-            )
-        return adapt_only(self.model, parameters)
+        return adapt_normalisation_affine(self)
 
     def forward_and_adapt(self, images: Tensor) -> Tensor:
         logits = self.model(images)
