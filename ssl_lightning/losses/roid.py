@@ -49,27 +49,6 @@ def soft_likelihood_ratio(logits: Tensor, clip: float = 0.99, eps: float = 1e-5)
         return -(probs * torch.log(probs / (1 - probs) + eps)).sum(dim=1)
 
 
-def symmetric_cross_entropy(logits: Tensor, reference_logits: Tensor, alpha: float = 0.5) -> Tensor:
-    """Per-image symmetric cross-entropy between two predictions of the same images, ``[N]``:
-
-        ``(1 - alpha) CE(softmax(reference), softmax(logits)) + alpha CE(softmax(logits), softmax(reference))``
-
-    with ``CE(q, p) = -sum_c q_c log p_c``. ROID's consistency loss, ``logits`` from the augmented
-    images and ``reference_logits`` from the test images; gradients flow into both (the benchmark
-    detaches neither).
-    """
-    _check_logits("symmetric_cross_entropy", logits)
-    if reference_logits.shape != logits.shape:
-        raise ValueError(f"symmetric_cross_entropy expects logits and reference_logits of the same shape [N, C], "
-                         f"got {tuple(logits.shape)} and {tuple(reference_logits.shape)}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"symmetric_cross_entropy needs 0 <= alpha <= 1, got {alpha}")
-    dtype = torch.promote_types(_dtype(logits), reference_logits.dtype)
-    with torch.autocast(logits.device.type, enabled=False):
-        log_p, log_q = logits.to(dtype).log_softmax(dim=1), reference_logits.to(dtype).log_softmax(dim=1)
-        return -(1 - alpha) * (log_q.exp() * log_p).sum(dim=1) - alpha * (log_p.exp() * log_q).sum(dim=1)
-
-
 def _global_min_max(values: Tensor) -> tuple[Tensor, Tensor]:
     """Per column of ``values`` [N, k], the minimum and maximum over all processes' rows."""
     extremes = torch.cat([values.amax(dim=0), -values.amin(dim=0)])

@@ -15,17 +15,10 @@ from ssl_lightning.datamodules.corruption_stream import (
 )
 from ssl_lightning.datamodules.corruptions import CORRUPTIONS, corrupt
 
+from helpers.threads import one_thread  # noqa: F401 (autouse: one intra-op thread)
+
 NUM_TEST, NUM_CLASSES, SIZE = 60, 3, 16
 TWO = ["gaussian_noise", "fog"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: on a shared 2-core machine, two intra-op threads cost more in hand-offs than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_npz(path, labelled=True):

@@ -14,21 +14,14 @@ from ssl_lightning.datamodules.corruption_constants import CIFAR
 from ssl_lightning.datamodules.corruptions import CORRUPTIONS, constants_for_size, corrupt
 from ssl_lightning.datamodules.frost_textures import frost_textures
 
+from helpers.threads import one_thread  # noqa: F401 (autouse: one intra-op thread)
+
 BENCHMARK_ORDER = [
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
     "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 ]
 #: corruptions without random draws: the seed changes nothing
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: on a shared 2-core machine, two intra-op threads cost more in hand-offs than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def natural_images(count, size=32, seed=0, channels=3):

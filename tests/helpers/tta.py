@@ -42,6 +42,15 @@ def tiny_source(norm: str = "batch", num_classes: int = NUM_CLASSES, seed: int =
     return model
 
 
+def plain_entropy_rows(logits):
+    """The reference of the entropy-based TTA losses, row by row: H = -sum_c p_c log p_c, p = exp(l) / sum exp(l)."""
+    rows = []
+    for row in logits:
+        p = torch.exp(row) / torch.exp(row).sum()
+        rows.append(-sum(p[c] * torch.log(p[c]) for c in range(len(row))))
+    return torch.stack(rows)
+
+
 def write_stream_npz(path, count: int = 40, labelled: bool = True, train_count: int = 24):
     """An .npz with ``count`` 16-px RGB test images (labels i % 3, or -1) and a small training split."""
     rng = np.random.default_rng(0)

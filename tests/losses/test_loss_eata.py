@@ -17,17 +17,9 @@ from ssl_lightning.losses.eata import (
 )
 
 from helpers.gloo import WORLD_SIZE, run_on_two_ranks
+from helpers.tta import plain_entropy_rows as entropy_rows
 
 E0 = 0.4 * math.log(3)
-
-
-def entropy_rows(logits):
-    """Row by row: H = -sum_c p_c log p_c with p = exp(l) / sum exp(l)."""
-    rows = []
-    for row in logits:
-        p = torch.exp(row) / torch.exp(row).sum()
-        rows.append(-sum(p[c] * torch.log(p[c]) for c in range(len(row))))
-    return torch.stack(rows)
 
 
 def reference_weighted_entropy(logits, selected, margin):

@@ -13,8 +13,8 @@ from ssl_lightning.losses.roid import (
     class_probs_ema_update,
     prior_correction,
     soft_likelihood_ratio,
-    symmetric_cross_entropy,
 )
+from ssl_lightning.losses.tta_consistency import symmetric_cross_entropy  # ROID's consistency loss
 
 from helpers.gloo import run_on_two_ranks
 
@@ -185,7 +185,7 @@ def test_bad_input_is_refused_with_the_reason():
         soft_likelihood_ratio(logits[:, :1])
     with pytest.raises(ValueError, match=r"needs 0 < clip < 1 and eps > 0, got clip=1.0"):
         soft_likelihood_ratio(logits, clip=1.0)
-    with pytest.raises(ValueError, match=r"logits and reference_logits of the same shape"):
+    with pytest.raises(ValueError, match=r"logits and teacher_logits of the same 2-D shape"):
         symmetric_cross_entropy(logits, logits[:2])
     with pytest.raises(ValueError, match=r"0 <= alpha <= 1, got 2"):
         symmetric_cross_entropy(logits, logits, alpha=2)

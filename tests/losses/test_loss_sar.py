@@ -10,16 +10,9 @@ from ssl_lightning.losses.eata import reliable_samples
 from ssl_lightning.losses.sar import reliable_entropy_loss, update_loss_ema
 
 from helpers.gloo import WORLD_SIZE, run_on_two_ranks
+from helpers.tta import plain_entropy_rows as entropy_rows
 
 E0 = 0.4 * math.log(4)
-
-
-def entropy_rows(logits):
-    rows = []
-    for row in logits:
-        p = torch.exp(row) / torch.exp(row).sum()
-        rows.append(-sum(p[c] * torch.log(p[c]) for c in range(len(row))))
-    return torch.stack(rows)
 
 
 def reference_reliable_entropy(logits, margin):

@@ -15,15 +15,8 @@ from ssl_lightning.methods.tta.cotta import CoTTA, stochastic_restore_
 from ssl_lightning.methods.tta.params import use_test_batch_statistics
 from ssl_lightning.methods.tta.rmt import RMT
 
+from helpers.threads import one_thread  # noqa: F401 (autouse: one intra-op thread)
 from helpers.tta import RecordSteps, run_tta, tiny_source, tiny_stream
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread costs more than it saves
-    yield
-    torch.set_num_threads(threads)
 
 
 def source_with_batch_statistics():

@@ -14,18 +14,11 @@ from ssl_lightning.methods import FAMILIES
 from ssl_lightning.methods.tta import BNAdapt, Source, Tent
 from ssl_lightning.methods.tta.params import normalisation_affine_parameters
 
+from helpers.threads import one_thread  # noqa: F401 (autouse: one intra-op thread)
 from helpers.tta import DOMAINS, RecordSteps, run_tta, tiny_source, tiny_stream, tta_trainer
 
 TTA_METHODS = sorted(FAMILIES["tta"])
 BATCHES_PER_DOMAIN = 4  # tiny_stream: 40 images per domain, batches of 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread costs more than it saves
-    yield
-    torch.set_num_threads(threads)
 
 
 def logits_with_state(method, state, images):

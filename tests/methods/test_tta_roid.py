@@ -17,15 +17,8 @@ from ssl_lightning.methods.tta.params import normalisation_affine_parameters
 from ssl_lightning.methods.tta.roid import ROID
 from ssl_lightning.methods.tta.roid_augment import roid_augment
 
+from helpers.threads import one_thread  # noqa: F401 (autouse: one intra-op thread)
 from helpers.tta import RecordSteps, run_tta, tiny_source, tiny_stream
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread costs more than it saves
-    yield
-    torch.set_num_threads(threads)
 
 
 def callback(**hooks):

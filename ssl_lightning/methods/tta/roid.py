@@ -12,8 +12,8 @@ from ssl_lightning.losses.roid import (
     class_probs_ema_update,
     prior_correction,
     soft_likelihood_ratio,
-    symmetric_cross_entropy,
 )
+from ssl_lightning.losses.tta_consistency import symmetric_cross_entropy
 from ssl_lightning.methods.tta.base import TTAMethod
 from ssl_lightning.methods.tta.params import adapt_normalisation_affine
 from ssl_lightning.methods.tta.roid_augment import roid_augment
