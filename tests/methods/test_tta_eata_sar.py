@@ -399,6 +399,6 @@ def test_models_without_adaptable_norm_layers_are_refused():
     only_deep.add_module("layer4", nn.Sequential(nn.Flatten(), nn.LayerNorm(768), nn.Linear(768, 3)))
     with pytest.raises(ValueError, match="layer4"):
         prepared(SAR(source=only_deep, num_classes=3))
-    headless = nn.Sequential(nn.Flatten(), nn.LayerNorm(768), nn.Linear(768, 3))
+    no_classifier = nn.Sequential(nn.Flatten(), nn.LayerNorm(768))
     with pytest.raises(ValueError, match="number of classes"):
-        prepared(SAR(source=headless))  # no num_classes, no DataModule, no `head` to read it from
+        prepared(SAR(source=no_classifier))  # no num_classes, no DataModule, no linear layer to read it from

@@ -267,6 +267,20 @@ class TTAMethod(L.LightningModule):
         for parameter, part in zip(self.adapted, torch.split(flat, [grad.numel() for grad in grads])):
             parameter.grad = part.view_as(parameter).to(parameter.dtype)
 
+    def class_count(self) -> int:
+        """The number of classes: ``num_classes``, else the DataModule's, else the source model's (its
+        ``num_classes`` or its last linear layer's outputs). For the methods whose formulas hold it (EATA's
+        and SAR's entropy margin ``margin_e0 * ln C``, ROID's class-probability average)."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        model_classes = _declared_classes(self.model) if self.model is not None else None
+        for found in (self.hparams.num_classes, getattr(datamodule, "num_classes", None), model_classes):
+            if isinstance(found, int) and found >= 2:
+                return found
+        raise ValueError(
+            f"{type(self).__name__} needs the number of classes, which neither the data nor the source model "
+            f"({self.source.describe()}) gives: pass num_classes (>= 2), or test on a DataModule that knows it."
+        )
+
     def features_and_classifier(self) -> tuple[Callable[[Tensor], Tensor], nn.Module]:
         """The source model in two parts, images -> features and the linear classifier (features ->
         logits), for methods that work on features (RMT's projector): our checkpoints' ``backbone`` and

@@ -24,26 +24,6 @@ from ssl_lightning.methods.tta.params import adapt_normalisation_affine
 FISHER_SEED = 0
 
 
-def class_count(method: TTAMethod) -> int:
-    """The number of classes C of the entropy margin ``E_0 = margin_e0 * ln C`` of EATA and SAR (the
-    benchmark's ``EATA.MARGIN_E0 * math.log(num_classes)``): ``num_classes``, else the DataModule's, else
-    the output width of the source model's linear classifier."""
-    classes = method.hparams.num_classes
-    if classes is None and method._trainer is not None:
-        classes = getattr(method.trainer.datamodule, "num_classes", None)
-    if classes is None:
-        try:
-            classes = getattr(method.features_and_classifier()[1], "out_features", None)
-        except ValueError:
-            classes = None
-    if not isinstance(classes, int) or classes < 2:
-        raise ValueError(
-            f"{type(method).__name__}: the entropy margin is margin_e0 x ln(number of classes), but the number of "
-            f"classes is {classes!r}: pass num_classes (>= 2), or test on a DataModule that knows it."
-        )
-    return classes
-
-
 class EATA(TTAMethod):
     """Tent made selective and anchored (mr-eggplant/EATA; the benchmark's
     ``classification/methods/eata.py``). BatchNorm normalises with the test batch's statistics and
@@ -112,7 +92,7 @@ class EATA(TTAMethod):
 
     def configure_adaptation(self) -> list[nn.Parameter]:
         adapted = adapt_normalisation_affine(self)
-        classes = class_count(self)
+        classes = self.class_count()
         self.margin = self.hparams.margin_e0 * math.log(classes)
         self.register_buffer("average_probs", torch.zeros(classes))
         self.register_buffer("has_average_probs", torch.tensor(False))

@@ -91,7 +91,7 @@ class ROID(TTAMethod):
         # Constant: the source values the adapted parameters are averaged with, flat (buffers move with the module).
         self.register_buffer("source_parameters", torch.cat([p.detach().reshape(-1) for p in adapted]).clone(),
                              persistent=False)
-        classes = self._class_count()
+        classes = self.class_count()
         # A buffer, so that reset() restores it with the state dict: the benchmark starts it uniform.
         self.register_buffer("class_probs_ema", torch.full((classes,), 1 / classes))
         if self.hparams.use_consistency:
@@ -144,20 +144,6 @@ class ROID(TTAMethod):
         sources = torch.split(self.source_parameters, [p.numel() for p in self.adapted])
         for parameter, source in zip(self.adapted, sources):
             parameter.copy_(momentum * parameter + (1 - momentum) * source.view_as(parameter))
-
-    def _class_count(self) -> int:
-        """The number of classes: the data's, else the source model's (``num_classes`` or its head's
-        ``out_features``)."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        head = getattr(self.model, "head", None)
-        for found in (self.hparams.num_classes, getattr(datamodule, "num_classes", None),
-                      getattr(self.model, "num_classes", None), getattr(head, "out_features", None)):
-            if isinstance(found, int) and found >= 2:
-                return found
-        raise ValueError(
-            f"{type(self).__name__} keeps a moving average of the class probabilities, but the number of classes is "
-            f"unknown: neither the data nor the source model ({self.source.describe()}) names it. Pass num_classes."
-        )
 
     def _pixel_normalisation(self) -> tuple[Tensor, Tensor]:
         """The test data's per-channel mean and std, shaped to broadcast over ``[B, C, H, W]``."""

@@ -12,7 +12,6 @@ from ssl_lightning.losses.eata import reliable_samples
 from ssl_lightning.losses.entropy import softmax_entropy
 from ssl_lightning.losses.sar import reliable_entropy_loss, update_loss_ema
 from ssl_lightning.methods.tta.base import TTAMethod
-from ssl_lightning.methods.tta.eata import class_count
 from ssl_lightning.methods.tta.params import NORMALISATION_LAYERS, adapt_only, use_test_batch_statistics
 from ssl_lightning.methods.tta.sam import SAM
 
@@ -110,7 +109,7 @@ class SAR(TTAMethod):
                 "affine weight and bias outside the layers SAR skips (layer4, blocks.9-11, the final norm), so SAR has "
                 "nothing to adapt."
             )
-        self.margin = self.hparams.margin_e0 * math.log(class_count(self))
+        self.margin = self.hparams.margin_e0 * math.log(self.class_count())
         return adapt_only(self.model, parameters)
 
     def on_test_start(self) -> None:
