@@ -137,12 +137,9 @@ class EATA(TTAMethod):
             loss = loss + fisher_penalty(self.adapted, self.fisher, self.anchors, hp.fisher_alpha)
         average, has_average = update_average_probs(self.average_probs, self.has_average_probs, probs, selected)
         if count > 0:  # a host read: no step when no sample of any process passed the filters
-            loss.backward()
             # the loss is already the global batch's mean (each process holds its share times the process
-            # count: ssl_lightning.distributed), so the plain mean over processes is the whole batch's gradient
-            self.average_gradients(1)
-            self.tta_optimizer.step()
-        self.tta_optimizer.zero_grad(set_to_none=True)
+            # count: ssl_lightning.distributed), so equal weights give the whole batch's gradient
+            self.adapt_step(loss, 1)
         self.average_probs.copy_(average)
         self.has_average_probs.copy_(has_average)
         return logits
