@@ -19,6 +19,9 @@ class KNNReport(L.Callback):
     the un-augmented training split, queries = the validation split. Runs on rank zero only, with
     the DataModule's own (non-distributed) loaders; under FSDP every rank first helps gather the
     sharded backbone. The numbers are kept in ``self.results``.
+
+    A method may add rows beside the trained backbone: ``knn_report_encoders() -> {name: module}``
+    (Random Teachers: its frozen teacher's backbone), each of the backbone's architecture.
     """
 
     def __init__(self, k: int = 20, temperature: float = 0.1, init_seed: int = 0):
@@ -36,6 +39,9 @@ class KNNReport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Every rank helps gather a sharded (FSDP) backbone; rank zero alone encodes and reports.
         trained_backbone = unsharded_copy(trainer, pl_module.backbone, pl_module.build_fresh_backbone)
+        method_rows = getattr(pl_module, "knn_report_encoders", dict)()  # {} unless the method adds rows
+        method_encoders = {name: unsharded_copy(trainer, module, pl_module.build_fresh_backbone)
+                           for name, module in method_rows.items()}
         if not trainer.is_global_zero:
             return
         query_loader, bank_loader = trainer.datamodule.val_dataloader()
@@ -44,6 +50,7 @@ class KNNReport(L.Callback):
             random_backbone = pl_module.build_fresh_backbone().to(pl_module.device)
         encoders = {
             "trained backbone": trained_backbone,
+            **method_encoders,
             f"random init (seed {self.init_seed})": random_backbone,
             "raw pixels": torch.nn.Flatten(),
         }

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import nn
 
 
@@ -144,3 +147,118 @@ class DINOHead(nn.Module):
         own: FSDP gathers a unit's parameters for its ``forward`` only."""
         bottleneck = F.normalize(self.mlp(x), dim=-1)
         return bottleneck if pre_logits else self.last_layer(bottleneck)
+
+
+def sincos_position_embedding(
+    dim: int, grid_size: tuple[int, int], num_prefix_tokens: int = 0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """MAE's fixed 2-D sine-cosine position embedding (facebookresearch/mae ``util/pos_embed.py``,
+    ``get_2d_sincos_pos_embed``, after MoCo v3), ``[num_prefix_tokens + h * w, dim]`` for an (h, w) grid of
+    patches in row-major order, the prefix tokens' rows zero (the official class-token row).
+
+    The first half of the dimensions encodes the patch's column, the second half its row (the official
+    ``meshgrid(grid_w, grid_h)``); each half is ``[sin(pos * omega), cos(pos * omega)]`` with
+    ``omega_k = 10000^(-k / (dim / 4))``, k = 0 .. dim/4 - 1. Computed in float64 on ``device`` (made
+    there, so no copy from the host), returned in float32.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    rows, columns = grid_size
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim // 4))
+
+    def one_axis(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    row, column = torch.meshgrid(torch.arange(rows, dtype=torch.float64, device=device),
+                                 torch.arange(columns, dtype=torch.float64, device=device), indexing="ij")
+    grid = torch.cat([one_axis(column), one_axis(row)], dim=1)
+    return torch.cat([grid.new_zeros(num_prefix_tokens, dim), grid]).float()
+
+
+class MAEDecoder(nn.Module):
+    """MAE's light decoder (He et al. 2022, sec. 3; facebookresearch/mae ``models_mae.py``,
+    ``forward_decoder``): the encoder's tokens of the visible patches are projected to the decoder's
+    width, a shared learned mask token fills every masked position, the tokens are put back in patch
+    order, the fixed 2-D sin-cos position embedding (:func:`sincos_position_embedding`) is added, and
+    ``depth`` transformer blocks (timm's ``Block``: qkv bias, LayerNorm eps 1e-6) and a norm lead to a
+    linear prediction of each patch's p * p * C pixels. The encoder's prefix tokens (the class token,
+    any register tokens) pass through the decoder too, with zero position embedding, and are dropped
+    from the output. Defaults are the paper's: 8 blocks, width 512, 16 heads, MLP ratio 4.
+
+    Initialisation as the official code: linear weights Xavier-uniform with zero biases, LayerNorms
+    at (1, 0), the mask token normal with std 0.02. The position embedding is a non-persistent
+    buffer: fixed, and determined by the grid, so checkpoints need not hold it. Images of another
+    size (a ViT with ``dynamic_img_size``) get the exact embedding of their own grid, made on the device.
+
+    Args:
+        in_dim: the encoder's token width.
+        patch_dim: values per patch to predict, p * p * C.
+        grid_size: (rows, columns) of patches the encoder's images make.
+        num_prefix_tokens: tokens before the patch tokens in the encoder's output (1: a class token).
+        embed_dim, depth, num_heads, mlp_ratio: the decoder's width, blocks, heads and MLP ratio.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        patch_dim: int,
+        grid_size: tuple[int, int],
+        num_prefix_tokens: int = 1,
+        embed_dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        if depth < 0 or num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(
+                f"MAEDecoder needs depth >= 0 and a width divisible by the number of heads; got depth {depth}, "
+                f"width {embed_dim}, {num_heads} heads"
+            )
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_size = tuple(grid_size)
+        self.embed = nn.Linear(in_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", sincos_position_embedding(embed_dim, grid_size, num_prefix_tokens)[None],
+                             persistent=False)
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.Sequential(*(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                                      for _ in range(depth)))
+        self.norm = norm_layer(embed_dim)
+        self.pred = nn.Linear(embed_dim, patch_dim)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(
+        self, tokens: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """``[N, P + K, in_dim]`` encoder tokens (P prefix tokens, then the K visible patches in the
+        encoder's order), ``[N, L]`` ``ids_restore`` (``components.masking.PatchMask``) and the images'
+        (rows, columns) of patches (None: the grid it was built for) -> ``[N, L, patch_dim]``
+        predictions for every patch, in patch order."""
+        num_images, num_patches = ids_restore.shape
+        grid_size = self.grid_size if grid_size is None else tuple(grid_size)
+        if grid_size[0] * grid_size[1] != num_patches:
+            raise ValueError(
+                f"MAEDecoder: {num_patches} patches per image do not fill a {grid_size[0]}x{grid_size[1]} grid; "
+                "pass the images' grid_size (rows, columns of patches)."
+            )
+        pos_embed = self.pos_embed
+        if grid_size != self.grid_size:
+            pos_embed = sincos_position_embedding(pos_embed.shape[-1], grid_size, self.num_prefix_tokens,
+                                                  tokens.device)[None]
+        x = self.embed(tokens)
+        prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        masked = self.mask_token.expand(num_images, num_patches - visible.shape[1], -1)
+        patches = torch.cat([visible, masked], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # patch order
+        x = torch.cat([prefix, patches], dim=1) + pos_embed
+        x = self.pred(self.norm(self.blocks(x)))
+        return x[:, self.num_prefix_tokens:]

@@ -7,6 +7,8 @@ from ssl_lightning.methods.ssl import (
     DCL,
     DCLW,
     DINO,
+    IBOT,
+    MAE,
     MYOW,
     NNCLR,
     BarlowTwins,
@@ -15,6 +17,7 @@ from ssl_lightning.methods.ssl import (
     MoCHi,
     MoCoV2,
     MoCoV3,
+    RandomTeachers,
     SimCLR,
     SimSiam,
     SSLMethod,
@@ -22,14 +25,14 @@ from ssl_lightning.methods.ssl import (
     SwAV,
     VICReg,
 )
-from ssl_lightning.methods.supervised import DKD, KD, NKD, Classifier, SupervisedMethod
+from ssl_lightning.methods.supervised import DKD, KD, LSSKD, NKD, PSKD, SLA, USKD, Classifier, SupervisedMethod
 from ssl_lightning.methods.tta import EATA, RMT, ROID, SAR, BNAdapt, CoTTA, Source, Tent, TTAMethod
 
 __all__ = [
     "BYOL", "BNAdapt", "BarlowTwins", "Classifier", "DCL", "DCLW", "DINO", "DKD", "FAMILIES", "ISogCLR", "KD",
     "METHODS", "MYOW", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3", "NKD", "NNCLR", "SSLMethod", "SimCLR",
     "SimSiam", "Source", "SupCon", "SupervisedMethod", "SwAV", "TRAINABLE", "TTAMethod", "Tent", "VICReg", "EATA", "SAR",
-    "CoTTA", "RMT", "ROID",
+    "CoTTA", "RMT", "ROID", "MAE", "RandomTeachers", "LSSKD", "PSKD", "SLA", "USKD", "IBOT",
 ]
 
 #: each family's methods by short name: "ssl" (self-supervised, ``SSLMethod``), "supervised"

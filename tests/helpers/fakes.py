@@ -26,7 +26,12 @@ SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
 SMALL_HEAD_WIDTHS = {
     **SMALL_HEADS, "pred_hidden_dim": 32, "queue_size": 64, "num_hardest": 16, "num_mixed": 16, "num_query_mixed": 4,
     "num_train_images": 1437, "num_prototypes": 32, "mined_proj_hidden_dim": 32, "mined_proj_dim": 8, "out_dim": 64,
+    "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2,
 }
+
+#: methods that need a ViT: the tiny one, taking the images' size as they come (Digits' 8x8, fakes' 16x16)
+VIT_ONLY = {"MAE", "IBOT"}
+TINY_DYNAMIC_VIT = {**TINY_VIT, "backbone_kwargs": {**TINY_VIT["backbone_kwargs"], "dynamic_img_size": True}}
 
 
 def tiny_method(method, backbone: dict | None = None, **kwargs):
@@ -40,7 +45,8 @@ def tiny_method(method, backbone: dict | None = None, **kwargs):
     if "teacher" in accepted and not any(key.startswith("teacher") for key in kwargs):  # distillation students
         kwargs["teacher"] = tiny_teacher(kwargs.get("in_chans") or 1, kwargs.get("num_classes") or 10)
     heads = {name: width for name, width in SMALL_HEAD_WIDTHS.items() if name in accepted}
-    return cls(**(backbone or TINY_BACKBONE), **{**heads, **kwargs})
+    default_backbone = TINY_DYNAMIC_VIT if cls.__name__ in VIT_ONLY else TINY_BACKBONE
+    return cls(**(backbone or default_backbone), **{**heads, **kwargs})
 
 
 def tiny_teacher(in_chans: int = 1, num_classes: int = 10):

@@ -16,6 +16,7 @@ FAMILY_OF = {name: family for family, methods in FAMILIES.items() for name in me
 
 #: the module after the backbone in each family (its output dtype shows that autocast ran)
 FIRST_HEAD = {"ssl": "projector", "supervised": "head"}
+FIRST_HEAD_OF_METHOD = {"MAE": "decoder"}  # MAE has no projector: its pixel decoder follows the encoder
 
 #: what a short fit on labelled data with the kNN monitor logs, per family
 FIT_METRICS = {
@@ -43,4 +44,5 @@ def view_preset(name: str) -> str:
 
 
 def first_head(model):
-    return getattr(model, FIRST_HEAD[FAMILY_OF[type(model).__name__]])
+    name = type(model).__name__
+    return getattr(model, FIRST_HEAD_OF_METHOD.get(name) or FIRST_HEAD[FAMILY_OF[name]])

@@ -42,7 +42,8 @@ def modules_outside_every_unit(owner: str, module: nn.Module) -> list[str]:
         elif isinstance(child, FrozenTeacher):  # a classifier: one timm unit, or a Sequential (backbone, head)
             if not wrapped_by_policy(child.model):
                 left_out += modules_outside_every_unit(f"{path}.model", child.model)
-        elif isinstance(child, nn.Sequential) and not wrapped_by_policy(child):  # a teacher's (backbone, projector)
+        elif isinstance(child, (nn.Sequential, nn.ModuleList)) and not wrapped_by_policy(child):
+            # a teacher's (backbone, projector); a list of heads (LSSKD's per-stage branches): the policy recurses
             left_out += modules_outside_every_unit(path, child)
         elif not (wrapped_by_policy(child) or isinstance(child, (OnlineProbe, Metric))) and next(child.parameters(), None) is not None:
             left_out.append(f"{path} ({type(child).__name__})")

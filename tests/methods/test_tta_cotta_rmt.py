@@ -1,16 +1,14 @@
 """CoTTA and RMT: the restore mask, the augmentation-averaged teacher, the EMA teachers, the predictions,
-RMT's prototypes, warm-up, replay and source-free mode, and CoTTA's augmentations against torchvision."""
+RMT's prototypes, warm-up, replay and source-free mode (the augmentation: test_tta_augment.py)."""
 
 import copy
 import math
 
 import pytest
 import torch
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 
 from ssl_lightning.losses.tta_consistency import teacher_cross_entropy
-from ssl_lightning.methods.tta import cotta_augment as augment_module
+from ssl_lightning.methods.tta.augment import PixelAugment
 from ssl_lightning.methods.tta.cotta import CoTTA, stochastic_restore_
 from ssl_lightning.methods.tta.params import use_test_batch_statistics
 from ssl_lightning.methods.tta.rmt import RMT
@@ -84,8 +82,8 @@ def test_cotta_averages_augmentations_exactly_when_the_anchor_is_unsure_and_pred
     ordered = sorted(confidence)
     threshold = (ordered[3] + ordered[4]) / 2  # four unsure batches, four confident ones
     augmented = []  # per call: the augmented images
-    forward = augment_module.CoTTAAugment.forward
-    monkeypatch.setattr(augment_module.CoTTAAugment, "forward",
+    forward = PixelAugment.forward
+    monkeypatch.setattr(PixelAugment, "forward",
                         lambda self, images: augmented.append(forward(self, images)) or augmented[-1])
     record, calls = RecordSteps(), []
 
@@ -165,80 +163,6 @@ def test_cotta_bad_arguments_are_refused():
         CoTTA(restore_probability=1.5)
     with pytest.raises(ValueError, match=r"CoTTA: num_augmentations must be >= 1, got 0"):
         CoTTA(num_augmentations=0)
-
-
-# ------------------------------------------------------------------------------------------ augmentations
-def benchmark_transform(pixels):
-    """The benchmark's get_tta_transforms(32) (transforms_cotta.py) in torchvision, without the noise."""
-    images = pixels.clamp(0.0, 1.0)
-    for index in torch.randperm(5).tolist():
-        low, high = [(0.6, 1.4), (0.7, 1.3), (0.5, 1.5), (-0.06, 0.06), (0.7, 1.3)][index]
-        factor = torch.tensor(1.0).uniform_(low, high).item()
-        if index == 0:
-            images = TF.adjust_brightness(images, factor)
-        elif index == 1:
-            images = TF.adjust_contrast(images, factor)
-        elif index == 2:
-            images = TF.adjust_saturation(images, factor)
-        elif index == 3:
-            images = TF.adjust_hue(images, factor)
-        else:
-            images = TF.adjust_gamma(images.clamp(1e-8, 1.0), factor)
-    size = pixels.shape[-1]
-    images = T.Pad(padding=size // 2, padding_mode="edge")(images)
-    images = T.RandomAffine(degrees=[-15, 15], translate=(1 / 16, 1 / 16), scale=(0.9, 1.1),
-                            interpolation=T.InterpolationMode.BILINEAR, fill=0)(images)
-    images = T.GaussianBlur(kernel_size=5, sigma=[0.001, 0.5])(images)
-    images = T.CenterCrop(size=size)(images)
-    images = T.RandomHorizontalFlip(p=0.5)(images)
-    return images.clamp(0.0, 1.0)
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_the_augmentation_equals_the_benchmarks_torchvision_transform_on_the_same_draws(seed):
-    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(100 + seed)) * 1.2 - 0.1
-    torch.manual_seed(seed)
-    ours = augment_module.apply_parameters(pixels, augment_module.draw_parameters(32), noise_std=0.0)
-    torch.manual_seed(seed)
-    reference = benchmark_transform(pixels)
-    torch.testing.assert_close(ours, reference, rtol=0, atol=2e-5)
-
-
-def test_one_draw_serves_the_whole_batch_and_the_noise_is_per_pixel():
-    image = torch.rand(1, 3, 32, 32)
-    torch.manual_seed(0)
-    twice = augment_module.cotta_augment(torch.cat([image, image]), noise_std=0.0)
-    assert torch.equal(twice[0], twice[1])
-    torch.manual_seed(0)
-    noisy = augment_module.cotta_augment(torch.cat([image, image]))
-    noise = noisy - twice
-    assert not torch.equal(noisy[0], noisy[1]) and 0.002 < float(noise[twice.gt(0.05) & twice.lt(0.95)].std()) < 0.008
-
-
-def test_applying_a_draw_makes_no_host_sync():
-    from helpers.host_syncs import HostSyncCounter
-
-    parameters = augment_module.draw_parameters(16)  # Python numbers from the CPU generator: no device read
-    counter = HostSyncCounter()
-    counter.counting = True
-    with counter:
-        augment_module.apply_parameters(torch.rand(2, 3, 16, 16), parameters)
-    assert counter.total() == 0, dict(counter.seen)
-
-
-def test_the_module_augments_pixels_and_normalises_again():
-    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    module = augment_module.CoTTAAugment(mean, std)
-    pixels = torch.rand(3, 3, 16, 16)
-    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    torch.manual_seed(1)
-    ours = module((pixels - m) / s)
-    torch.manual_seed(1)
-    expected = (augment_module.cotta_augment(pixels) - m) / s
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
-    assert module.state_dict() == {}  # mean and std follow the device but stay out of checkpoints
-    with pytest.raises(ValueError, match=r"cotta_augment expects images \[B, C, H, W\] with C = 1 or 3"):
-        augment_module.cotta_augment(torch.rand(2, 4, 8, 8))
 
 
 # ------------------------------------------------------------------------------------------ RMT

@@ -1,8 +1,8 @@
 """ROID: the loss gradient equals the benchmark's loss_calculation written plainly, weight ensembling is
 exactly m * theta + (1 - m) * theta_source, the class-probability average follows its formula, the
 prediction comes from the parameters before the update with the prior correction applied, only the
-normalisation layers' affine parameters change, reset, the augmentation (the benchmark's transforms with the
-same draws), two processes adapting as one, bad input."""
+normalisation layers' affine parameters change, reset, two processes adapting as one, bad input (the
+augmentation: test_tta_augment.py)."""
 
 import copy
 
@@ -10,12 +10,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 
 from ssl_lightning.losses.roid import batch_class_prior, prior_correction
+from ssl_lightning.methods.tta.augment import tta_augment
 from ssl_lightning.methods.tta.params import normalisation_affine_parameters
 from ssl_lightning.methods.tta.roid import ROID
-from ssl_lightning.methods.tta.roid_augment import roid_augment
 
 from helpers.threads import one_thread  # noqa: F401 (autouse: one intra-op thread)
 from helpers.tta import RecordSteps, run_tta, tiny_source, tiny_stream
@@ -54,7 +53,8 @@ def benchmark_loss(model, images, ema, temperature, use_weighting, use_consisten
     slr = -(p * torch.log(p / (1 - p) + 1e-5)).sum(1)
     loss = (slr * weights)[keep].sum() / len(images)
     if use_consistency:
-        augmented = (roid_augment(images[keep] * std + mean, generator) - mean) / std
+        pixels = images[keep] * std + mean
+        augmented = (tta_augment(pixels, generator, padding_mode="reflect", cotta_augs=False) - mean) / std
         x, x_ema = model(augmented), outputs[keep]
         sce = -0.5 * (x_ema.softmax(1) * x.log_softmax(1)).sum(1) - 0.5 * (x.softmax(1) * x_ema.log_softmax(1)).sum(1)
         loss = loss + (sce * weights[keep]).sum() / len(images)
@@ -68,7 +68,7 @@ def test_the_gradient_is_the_benchmarks_loss_gradient(use_weighting, use_consist
     def on_test_batch_start(self, trainer, method, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 1:  # the second batch: the class-probability average is no longer uniform
             return
-        generator = copy.deepcopy(method.augment_generator) if use_consistency else None
+        generator = copy.deepcopy(method.augment.generator) if use_consistency else None
         captured.update(model=copy.deepcopy(method.model), ema=method.class_probs_ema.clone(),
                         images=batch["views"][0], generator=generator)
         def keep_gradients(*_):
@@ -80,7 +80,7 @@ def test_the_gradient_is_the_benchmarks_loss_gradient(use_weighting, use_consist
     run_tta(method, tmp_path, callbacks=[callback(on_test_batch_start=on_test_batch_start)], limit_test_batches=2)
     model = captured["model"]
     loss = benchmark_loss(model, captured["images"], captured["ema"], 1 / 3, use_weighting, use_consistency,
-                          getattr(method, "pixel_mean", None), getattr(method, "pixel_std", None),
+                          *((method.augment.mean, method.augment.std) if use_consistency else (None, None)),
                           captured["generator"])  # the method's generator state: the same augmentation draws
     parameters = [parameter for _, parameter in normalisation_affine_parameters(model)]
     expected = torch.autograd.grad(loss, parameters)
@@ -191,49 +191,6 @@ def test_reset_each_shift_restarts_the_average_and_the_parameters(tmp_path):
                                    rtol=0, atol=1e-6)
 
 
-def benchmark_transform(images):
-    """The benchmark's get_tta_transforms(size, padding_mode="reflect", cotta_augs=False) on a batch tensor:
-    ColorJitterPro's loop (classification/augmentations/transforms_cotta.py), then torchvision's transforms."""
-    from torchvision import transforms
-
-    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue, TF.adjust_gamma)
-    ranges = ((0.6, 1.4), (0.7, 1.3), (0.5, 1.5), (-0.06, 0.06), (0.7, 1.3))
-    images = images.clamp(0, 1)
-    for fn_id in torch.randperm(5):
-        factor = torch.tensor(1.0).uniform_(*ranges[fn_id]).item()
-        if fn_id == 4:
-            images = images.clamp(1e-8, 1.0)
-        images = adjust[fn_id](images, factor)
-    size = images.shape[-1]
-    images = transforms.Pad(padding=int(size / 2), padding_mode="reflect")(images)
-    images = transforms.RandomAffine(degrees=[-15, 15], translate=(1 / 16, 1 / 16), scale=(0.9, 1.1), shear=None,
-                                     interpolation=transforms.InterpolationMode.BILINEAR, fill=0)(images)
-    images = transforms.CenterCrop(size=size)(images)
-    images = transforms.RandomHorizontalFlip(p=0.5)(images)
-    return images.clamp(0, 1)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_the_augmentation_is_the_benchmarks_transform_with_the_same_draws(seed):
-    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-    torch.manual_seed(seed)
-    expected = benchmark_transform(images)
-    torch.manual_seed(seed)
-    assert torch.equal(roid_augment(images), expected)
-    assert torch.equal(roid_augment(images, torch.Generator().manual_seed(seed)), expected)
-
-
-def test_the_augmentation_is_one_random_draw_for_the_whole_batch():
-    images = torch.rand(1, 3, 16, 16).repeat(3, 1, 1, 1)
-    generator = torch.Generator().manual_seed(0)
-    first = roid_augment(images, generator)
-    assert torch.equal(first, roid_augment(images, torch.Generator().manual_seed(0))) and first.shape == images.shape
-    assert torch.equal(first[0], first[1]) and torch.equal(first[0], first[2])  # shared parameters
-    assert first.min() >= 0 and first.max() <= 1 and not torch.allclose(first, images, atol=1e-2)
-    assert not torch.equal(roid_augment(images, generator), first)  # the next draw differs
-    assert roid_augment(torch.rand(2, 1, 16, 16)).shape == (2, 1, 16, 16)  # one channel: no hue or saturation
-
-
 def test_bad_input_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match=r"ROID: momentum_src must be in \[0, 1\]"):
         ROID(momentum_src=1.5)
@@ -243,8 +200,6 @@ def test_bad_input_is_refused_with_the_reason(tmp_path):
         ROID(temperature=0)
     with pytest.raises(ValueError, match=r"ROID: the source model .* has no normalisation layer"):
         run_tta(ROID(source=tiny_source(norm="none")), tmp_path)
-    with pytest.raises(ValueError, match=r"roid_augment expects images of shape \[B, C, H, W\]"):
-        roid_augment(torch.rand(3, 16, 16))
 
 
 def test_consistency_needs_the_datas_normalisation(tmp_path):
@@ -254,8 +209,8 @@ def test_consistency_needs_the_datas_normalisation(tmp_path):
         def test_dataloader(self):
             return DataLoader([{"views": [torch.rand(3, 16, 16)], "label": 0}] * 4, batch_size=4)
 
-    with pytest.raises(ValueError, match=r"needs the test data's normalisation, but NoNormalisation has no mean and "
-                                         r"std.*or set use_consistency: false"):
+    with pytest.raises(ValueError, match=r"ROID augments test images in pixel space, so it needs the data's mean "
+                                         r"and std, which NoNormalisation does not give.*or set use_consistency: false"):
         run_tta(ROID(source=tiny_source()), tmp_path, stream=NoNormalisation())
     _, metrics = run_tta(ROID(source=tiny_source(), use_consistency=False), tmp_path / "plain",
                          stream=NoNormalisation())

@@ -5,13 +5,16 @@ from ssl_lightning.methods.ssl.base import SSLMethod
 from ssl_lightning.methods.ssl.byol import BYOL
 from ssl_lightning.methods.ssl.dcl import DCL, DCLW
 from ssl_lightning.methods.ssl.dino import DINO
+from ssl_lightning.methods.ssl.ibot import IBOT
 from ssl_lightning.methods.ssl.isogclr import ISogCLR
+from ssl_lightning.methods.ssl.mae import MAE
 from ssl_lightning.methods.ssl.mixed_barlow_twins import MixedBarlowTwins
 from ssl_lightning.methods.ssl.mochi import MoCHi
 from ssl_lightning.methods.ssl.moco_v2 import MoCoV2
 from ssl_lightning.methods.ssl.moco_v3 import MoCoV3
 from ssl_lightning.methods.ssl.myow import MYOW
 from ssl_lightning.methods.ssl.nnclr import NNCLR
+from ssl_lightning.methods.ssl.random_teachers import RandomTeachers
 from ssl_lightning.methods.ssl.simclr import SimCLR
 from ssl_lightning.methods.ssl.simsiam import SimSiam
 from ssl_lightning.methods.ssl.supcon import SupCon
@@ -19,14 +22,14 @@ from ssl_lightning.methods.ssl.swav import SwAV
 from ssl_lightning.methods.ssl.vicreg import VICReg
 
 __all__ = [
-    "BYOL", "DCL", "DCLW", "DINO", "MYOW", "NNCLR", "BarlowTwins", "ISogCLR", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3",
-    "SSLMethod", "SimCLR", "SimSiam", "SupCon", "SwAV", "VICReg",
+    "BYOL", "DCL", "DCLW", "DINO", "IBOT", "MAE", "MYOW", "NNCLR", "BarlowTwins", "ISogCLR", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3",
+    "RandomTeachers", "SSLMethod", "SimCLR", "SimSiam", "SupCon", "SwAV", "VICReg",
 ]
 
 #: the self-supervised methods by short name: the foundation three, the contrastive family, then
-#: the non-contrastive and clustering family, then self-distillation
+#: the non-contrastive and clustering family, then self-distillation and masked image modelling
 METHODS = {
     cls.__name__: cls
     for cls in (SimCLR, BarlowTwins, BYOL, MoCoV2, MoCHi, MoCoV3, NNCLR, DCL, DCLW, SupCon, ISogCLR,
-                SimSiam, VICReg, MixedBarlowTwins, SwAV, MYOW, DINO)
+                SimSiam, VICReg, MixedBarlowTwins, SwAV, MYOW, DINO, RandomTeachers, IBOT, MAE)
 }

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from ssl_lightning.components.teacher import EMATeacher
 from ssl_lightning.losses.tta_consistency import symmetric_cross_entropy
+from ssl_lightning.methods.tta.augment import pixel_augment
 from ssl_lightning.methods.tta.base import TTAMethod
-from ssl_lightning.methods.tta.cotta_augment import CoTTAAugment
 from ssl_lightning.methods.tta.params import adapt_only, use_test_batch_statistics
 
 
@@ -22,7 +22,7 @@ class CoTTA(TTAMethod):
 
     1. the anchor (the source model, frozen) gives its mean max-softmax confidence on the batch; below
        ``anchor_threshold`` the teacher's logits are the mean over ``num_augmentations`` augmented
-       copies of the batch (``cotta_augment.py``, one forward each, so BatchNorm sees each copy's own
+       copies of the batch (``augment.py``, one forward each, so BatchNorm sees each copy's own
        statistics), otherwise the teacher's logits on the batch itself;
     2. the student (every parameter of the source model) takes one step on the cross-entropy of its
        prediction to the teacher's softmax (``symmetric=True``: the symmetric form the benchmark uses
@@ -39,9 +39,9 @@ class CoTTA(TTAMethod):
 
     The restore masks come from a generator on the model's device, seeded from the run seed
     (``torch.initial_seed()`` at setup) and re-seeded by a reset, so that every process draws the same
-    masks; the augmentations draw from torch's global generators (``cotta_augment.py``). Under several
-    processes the anchor's confidence is the mean over the whole batch (one all-reduce), as on one
-    device. Reading it on the host (the benchmark's ``if``) costs one sync per batch, which saves the
+    masks; the augmentations draw from their own generator, seeded likewise
+    (``augment.PixelAugment``). Under several processes the anchor's confidence is the mean over the
+    whole batch (one all-reduce), as on one device. Reading it on the host (the benchmark's ``if``) costs one sync per batch, which saves the
     ``num_augmentations`` teacher passes on confident batches.
 
     Defaults: the benchmark's CIFAR-10-C ones (Adam, LR 1e-3, beta 0.9, momentum 0.999, restore 0.01,
@@ -138,17 +138,3 @@ def global_mean(values: Tensor) -> Tensor:
     total = torch.stack([values.sum(), torch.ones_like(values).sum()])
     dist.all_reduce(total)
     return total[0] / total[1]
-
-
-def pixel_augment(method: TTAMethod) -> CoTTAAugment:
-    """The CoTTA augmentation for ``method``'s test data, with the data's mean and std (its batches are
-    normalised); refuses data without them."""
-    trainer = method._trainer
-    datamodule = trainer.datamodule if trainer is not None else None
-    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-    if mean is None or std is None:
-        raise ValueError(
-            f"{type(method).__name__} augments test images in pixel space, so it needs the data's mean and std, "
-            f"which {type(datamodule).__name__} does not give: test with one of our DataModules (a CorruptionStream)."
-        )
-    return CoTTAAugment(tuple(mean), tuple(std))

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from ssl_lightning.components.teacher import EMATeacher
 from ssl_lightning.losses.tta_consistency import prototype_contrastive_loss, symmetric_cross_entropy
+from ssl_lightning.methods.tta.augment import pixel_augment
 from ssl_lightning.methods.tta.base import TTAMethod
-from ssl_lightning.methods.tta.cotta import pixel_augment
 from ssl_lightning.methods.tta.params import adapt_only, use_test_batch_statistics
 
 #: source images averaged into the class prototypes (the benchmark stops after 100,000 features)
@@ -42,7 +42,7 @@ class RMT(TTAMethod):
         + lambda_source_ce * CE(student on a source batch, its labels)          (source_replay)
 
     where ``s``/``f`` are the student's logits/features of the test images, ``s~``/``f~`` those of one
-    CoTTA augmentation of them (``cotta_augment.py``), ``t`` the teacher's logits, SCE the symmetric
+    CoTTA augmentation of them (``augment.py``), ``t`` the teacher's logits, SCE the symmetric
     cross-entropy with weights 0.5 and 0.5, and the contrastive loss (``prototype_contrastive_loss``,
     temperature 0.1, through the projector) pulls each test feature and its augmentation towards the
     nearest (cosine) class prototype: the mean source feature of each class, over up to 100,000 source

@@ -14,9 +14,9 @@ from ssl_lightning.losses.roid import (
     soft_likelihood_ratio,
 )
 from ssl_lightning.losses.tta_consistency import symmetric_cross_entropy
+from ssl_lightning.methods.tta.augment import pixel_augment
 from ssl_lightning.methods.tta.base import TTAMethod
 from ssl_lightning.methods.tta.params import adapt_normalisation_affine
-from ssl_lightning.methods.tta.roid_augment import roid_augment
 
 
 class ROID(TTAMethod):
@@ -29,7 +29,7 @@ class ROID(TTAMethod):
        ``momentum_probs``) and with low entropy weigh more; the less diverse half is left out;
     3. the loss: the weighted soft likelihood ratio (SLR) plus, with ``use_consistency``, the weighted
        symmetric cross-entropy between the kept images' logits and those of one random augmentation of
-       them (``roid_augment``), both summed over the kept images and divided by the batch's image count
+       them (``augment.tta_augment``: reflect padding, no blur or noise), both summed over the kept images and divided by the batch's image count
        (the benchmark divides by ``TEST.BATCH_SIZE``: the same but on a domain's short last batch, which
        CIFAR-10-C's 10,000 images per domain in batches of 200 never have);
     4. one optimizer step, then weight ensembling: every adapted parameter becomes
@@ -50,11 +50,9 @@ class ROID(TTAMethod):
     them with their own statistics: choosing them reads the selection's size on the host, one sync per
     batch (like the family's reset flag). The augmentation works on pixels, so the test data must name
     its normalisation (``mean``, ``std``: our DataModules do). Its random parameters, one draw per batch
-    as the benchmark's transforms on a batch tensor, come from ``augment_generator``, a CPU generator
-    seeded with the run's seed (``torch.initial_seed()``, rank 0's): every process draws the same
-    augmentation, so several processes adapt as one does. :meth:`reset` leaves it running (the
-    benchmark's global generator is not reset either; an episodic run would otherwise repeat one
-    augmentation on every batch). Under several processes the weights' normalisation, the class prior
+    as the benchmark's transforms on a batch tensor, come from the augmentation's own CPU generator,
+    seeded with the run's seed, the same on every process (``augment.PixelAugment``): several processes
+    adapt as one does. :meth:`reset` leaves it running (as the benchmark's global generator). Under several processes the weights' normalisation, the class prior
     and its moving average are over the global batch.
 
     Args:
@@ -94,16 +92,9 @@ class ROID(TTAMethod):
         classes = self.class_count()
         # A buffer, so that reset() restores it with the state dict: the benchmark starts it uniform.
         self.register_buffer("class_probs_ema", torch.full((classes,), 1 / classes))
-        if self.hparams.use_consistency:
-            mean, std = self._pixel_normalisation()
-            self.register_buffer("pixel_mean", mean, persistent=False)
-            self.register_buffer("pixel_std", std, persistent=False)
-            # The augmentation's draws: one generator from the run's seed, rank 0's under DDP, so that every
-            # process draws the same parameters whatever else used the global RNG (rank 0 alone prepares data).
-            seed = torch.initial_seed()
-            if self._trainer is not None:
-                seed = self.trainer.strategy.broadcast(seed)
-            self.augment_generator = torch.Generator().manual_seed(seed)
+        if self.hparams.use_consistency:  # the benchmark's get_tta_transforms(padding_mode="reflect", cotta_augs=False)
+            self.augment = pixel_augment(self, padding_mode="reflect", cotta_augs=False,
+                                         otherwise=", or set use_consistency: false")
         return adapted
 
     def forward_and_adapt(self, images: Tensor) -> Tensor:
@@ -130,11 +121,6 @@ class ROID(TTAMethod):
         return logits
 
     # ----------------------------------------------------------------- parts
-    def augment(self, images: Tensor) -> Tensor:
-        """:func:`roid_augment` of normalised images: to pixels, augmented, normalised again."""
-        pixels = images * self.pixel_std + self.pixel_mean
-        return (roid_augment(pixels, self.augment_generator) - self.pixel_mean) / self.pixel_std
-
     @torch.no_grad()
     def ensemble_with_source(self) -> None:
         """Weight ensembling: ``theta <- m * theta + (1 - m) * theta_source`` for every adapted parameter."""
@@ -144,17 +130,3 @@ class ROID(TTAMethod):
         sources = torch.split(self.source_parameters, [p.numel() for p in self.adapted])
         for parameter, source in zip(self.adapted, sources):
             parameter.copy_(momentum * parameter + (1 - momentum) * source.view_as(parameter))
-
-    def _pixel_normalisation(self) -> tuple[Tensor, Tensor]:
-        """The test data's per-channel mean and std, shaped to broadcast over ``[B, C, H, W]``."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-        if mean is None or std is None:
-            raise ValueError(
-                f"{type(self).__name__}'s consistency loss augments pixels, so it needs the test data's normalisation, "
-                f"but {type(datamodule).__name__} has no mean and std. Test on one of our DataModules (a "
-                "CorruptionStream), or set use_consistency: false."
-            )
-        mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        return mean, std
