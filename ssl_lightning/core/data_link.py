@@ -62,3 +62,26 @@ def require_views(batch: Any, method: str) -> None:
         f"{method} expects a batch dict with 'views', 'label', 'index' (see DESIGN 'Data flow'); got {got}. "
         "Use an ssl_lightning DataModule or yield such dicts from your DataLoader."
     )
+
+
+def per_image_memory_size(module: L.LightningModule, keeps: str) -> int:
+    """Rows of a per-image memory (``IndexedMemory``): ``num_train_images`` as given (an argument, or a
+    checkpoint's hyperparameters) or as the DataModule reports it; the two must agree, and one must be
+    known. The size is written into the hyperparameters, so ``load_from_checkpoint`` sizes the memory
+    alike. ``keeps``: what the memory holds, for the errors ("a temperature per training image")."""
+    method = type(module).__name__
+    given, reported = module.hparams.num_train_images, module.num_train_images
+    if given is not None and reported is not None and given != reported:
+        raise ValueError(
+            f"{method}: num_train_images={given} (an argument, or the checkpoint's) but the DataModule has "
+            f"{reported} training images. {method} keeps {keeps}, so its memory must match the training set: "
+            "leave num_train_images unset to take the DataModule's, or train on the data the checkpoint saw."
+        )
+    size = given if given is not None else reported
+    if size is None:
+        raise ValueError(
+            f"{method} keeps {keeps}, so it needs the number of training images: train with a DataModule (it "
+            f"reports num_train_images), or pass num_train_images= to {method} when fitting on bare dataloaders."
+        )
+    module.hparams["num_train_images"] = size
+    return size

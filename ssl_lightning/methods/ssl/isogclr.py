@@ -8,6 +8,7 @@ import torch
 
 from ssl_lightning.components.heads import MLPHead
 from ssl_lightning.components.memory import IndexedMemory
+from ssl_lightning.core.data_link import per_image_memory_size
 from ssl_lightning.core.step_logging import logger_writes_this_step
 from ssl_lightning.losses.isogclr import isogclr, isogclr_temperature_step
 from ssl_lightning.methods.ssl.base import SSLMethod
@@ -81,22 +82,7 @@ class ISogCLR(SSLMethod):
         self.tau_momentum = IndexedMemory(size, fill=0.0)
 
     def _memory_size(self) -> int:
-        given, reported = self.hparams.num_train_images, self.num_train_images
-        if given is not None and reported is not None and given != reported:
-            raise ValueError(
-                f"ISogCLR: num_train_images={given} (an argument, or the checkpoint's) but the DataModule has "
-                f"{reported} training images. Per-image memories must match the training set: leave "
-                "num_train_images unset to take the DataModule's, or train on the data the checkpoint saw."
-            )
-        size = given if given is not None else reported
-        if size is None:
-            raise ValueError(
-                "ISogCLR keeps a temperature per training image, so it needs the number of training images: "
-                "train with a DataModule (it reports num_train_images), or pass num_train_images= to ISogCLR "
-                "when fitting on bare dataloaders."
-            )
-        self.hparams["num_train_images"] = size  # saved, so load_from_checkpoint sizes the memories alike
-        return size
+        return per_image_memory_size(self, "a temperature per training image")
 
     def shared_step(self, batch: dict) -> dict:
         if "index" not in batch:

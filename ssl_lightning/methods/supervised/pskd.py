@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ssl_lightning.components.memory import IndexedMemory
+from ssl_lightning.core.data_link import per_image_memory_size
 from ssl_lightning.core.step_logging import logger_writes_this_step
 from ssl_lightning.losses.pskd import pskd_alpha, pskd_loss
 from ssl_lightning.methods.supervised.base import SupervisedMethod
@@ -72,22 +73,7 @@ class PSKD(SupervisedMethod):
         self.predictions = IndexedMemory(self._table_size(), shape=(self.hparams.num_classes,), fill=0.0)
 
     def _table_size(self) -> int:
-        given, reported = self.hparams.num_train_images, self.num_train_images
-        if given is not None and reported is not None and given != reported:
-            raise ValueError(
-                f"PSKD: num_train_images={given} (an argument, or the checkpoint's) but the DataModule has "
-                f"{reported} training images. The prediction table has one row per training image: leave "
-                "num_train_images unset to take the DataModule's, or train on the data the checkpoint saw."
-            )
-        size = given if given is not None else reported
-        if size is None:
-            raise ValueError(
-                "PSKD keeps each training image's last prediction, so it needs the number of training images: "
-                "train with a DataModule (it reports num_train_images), or pass num_train_images= to PSKD when "
-                "fitting on bare dataloaders."
-            )
-        self.hparams["num_train_images"] = size  # saved, so load_from_checkpoint sizes the table alike
-        return size
+        return per_image_memory_size(self, "each training image's last prediction")
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
