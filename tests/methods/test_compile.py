@@ -45,11 +45,13 @@ def test_compiled_step_matches_eager_loss_and_gradients(method):
 
     losses = {}
     for name, model in (("eager", eager), ("compiled", compiled)):
+        torch.manual_seed(1)  # the same random draws in both steps (MAE's and iBOT's masks)
         losses[name] = model.shared_step(batch)["loss"]
         losses[name].backward()
     torch.testing.assert_close(losses["compiled"], losses["eager"], atol=1e-4, rtol=1e-4)
     eager_grads, compiled_grads = gradients(eager), gradients(compiled)
-    assert compiled_grads.keys() == eager_grads.keys() and "backbone.conv1.weight" in eager_grads
+    first_backbone_weight = next(name for name, _ in eager.named_parameters() if name.startswith("backbone."))
+    assert compiled_grads.keys() == eager_grads.keys() and first_backbone_weight in eager_grads  # the backbone trains
     torch.testing.assert_close(compiled_grads, eager_grads, atol=1e-4, rtol=1e-4)
 
     if isinstance(getattr(eager, "teacher", None), EMATeacher):  # the compiled teacher reads the weights the EMA update wrote in place

@@ -124,11 +124,12 @@ class DINO(SSLMethod):
         **kwargs: Any,
     ):
         if centering not in CENTERINGS:
-            raise ValueError(f"DINO: unknown centering {centering!r}; valid values are {', '.join(CENTERINGS)}.")
+            raise ValueError(f"{type(self).__name__}: unknown centering {centering!r}; valid values are "
+                             f"{', '.join(CENTERINGS)}.")
         if clip_grad < 0 or freeze_last_layer < 0 or warmup_teacher_temp_epochs < 0:
             raise ValueError(
-                "DINO needs clip_grad >= 0 (0: no clipping), freeze_last_layer >= 0 and warmup_teacher_temp_epochs "
-                f">= 0; got {clip_grad}, {freeze_last_layer} and {warmup_teacher_temp_epochs}"
+                f"{type(self).__name__} needs clip_grad >= 0 (0: no clipping), freeze_last_layer >= 0 and "
+                f"warmup_teacher_temp_epochs >= 0; got {clip_grad}, {freeze_last_layer} and {warmup_teacher_temp_epochs}"
             )
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, weight_decay_end=weight_decay_end,
                          warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio, **kwargs)
