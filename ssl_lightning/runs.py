@@ -54,10 +54,29 @@ def step_checkpoint(run: str | Path, every_n_train_steps: int | None = None, kee
     again after a resume from an earlier step or in a moved run directory, where Lightning's
     version counter would add ``step=N-v1.ckpt`` and ``last-v1.ckpt`` beside the abandoned files.
     """
-    return ModelCheckpoint(
+    return StepCheckpoint(
         dirpath=checkpoint_dir(run), filename="{step}", monitor="step", mode="max", save_top_k=keep,
         save_last=True, every_n_train_steps=every_n_train_steps, enable_version_counter=False,
     )
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that also saves the final step of a fit.
+
+    With ``every_n_train_steps`` Lightning saves only at multiples of it (and, having saved a
+    ``last.ckpt`` once, not again at the end), so a fit whose length is not a multiple would leave
+    ``last.ckpt`` behind its final weights: a finished run would be resumed, evaluated, exported or
+    used as a teacher a few steps short. Here the end of a fit saves the step checkpoint and
+    ``last.ckpt`` unless the final step is saved already. A fit stopped by an exception does not
+    come here (preemption saves through ``SaveOnInterrupt``).
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Trained classifiers (images -> logits) read from files: one of our checkpoints, an exported
+"""Trained classifiers (images -> logits) read from files: one of our checkpoints (a supervised
+method's, or a ``FineTune`` checkpoint: backbone, kept projector blocks and head), an exported
 backbone with its head, or timm weights. The frozen teacher of distillation and the source model of
 test-time adaptation load through here; ``role`` ("teacher", "source") names their arguments
 (``<role>_ckpt``, ``<role>_head``, ``<role>_timm``, ``<role>_weights``) in errors."""
@@ -22,6 +23,10 @@ from ssl_lightning.components.heads import LinearClassifier
 from ssl_lightning.export import PREFIX, backbone_state_dict, builder_args, input_facts, load_checkpoint
 
 HEAD_PREFIX = "head."
+PROJECTOR_PREFIX = "projector."
+#: the entry of a FineTune checkpoint that makes it a classifier file: the backbone's builder arguments
+#: and how many projector blocks sit between the backbone and the head (``evaluation.finetune``)
+FINETUNED_CLASSIFIER = "finetuned_classifier"
 #: how a user makes a classifier checkpoint, named in errors
 TRAIN_A_CLASSIFIER = ("train one with `python -m ssl_lightning fit --config configs/cifar10/classifier.yaml --run_name "
                       "cifar10-classifier`, which writes runs/cifar10-classifier/checkpoints/last.ckpt")
@@ -138,6 +143,13 @@ class ClassifierSource:
 def from_checkpoint(owner: str, path: str, role: str = "teacher") -> LoadedClassifier:
     try:
         checkpoint = load_checkpoint(path)  # weights_only=True; refuses files that are not a method's checkpoint
+    except ValueError as error:
+        # Evaluations' checkpoints are refused there; a FineTune checkpoint is a whole classifier.
+        finetuned = _finetune_checkpoint(path)
+        if finetuned is None:
+            raise ValueError(f"{owner}: {role}_ckpt: {error}") from None
+        return from_finetune_checkpoint(owner, path, finetuned, role)
+    try:
         builder = builder_args(checkpoint, path)
     except ValueError as error:
         raise ValueError(f"{owner}: {role}_ckpt: {error}") from None
@@ -156,6 +168,84 @@ def from_checkpoint(owner: str, path: str, role: str = "teacher") -> LoadedClass
     classifier = _linear_head(owner, role, head, f"{role}_ckpt={path} ('head.' entries)")
     return LoadedClassifier(_backbone_and_head(backbone, classifier), classifier.out_features, builder["in_chans"],
                             input_facts(checkpoint))
+
+
+def _finetune_checkpoint(path: str) -> dict | None:
+    """The file as a FineTune checkpoint (read with ``weights_only=True``), or None if it is not one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # load_checkpoint has named what is wrong with the file already
+        return None
+    return checkpoint if isinstance(checkpoint, dict) and FINETUNED_CLASSIFIER in checkpoint else None
+
+
+def from_finetune_checkpoint(owner: str, path: str, checkpoint: dict, role: str = "teacher") -> LoadedClassifier:
+    """A ``FineTune`` checkpoint as images -> logits: its backbone (rebuilt from the builder arguments
+    it records), the projector blocks it kept (SimCLRv2's fine-tuning from the projector's first
+    layer) and its linear head, each loaded strictly, in this order."""
+    record, state = checkpoint[FINETUNED_CLASSIFIER], checkpoint["state_dict"]
+    builder = dict(record["builder"])
+    source = f"{role}_ckpt={path} (a FineTune checkpoint)"
+    backbone = build_backbone(**builder)
+    load_exactly(owner, role, backbone, backbone_state_dict(checkpoint), f"{builder['name']} (the backbone it "
+                 "records)", f"{source} ('{PREFIX}' entries)")
+    projector = projector_blocks(owner, state, record["projector_layers"], source, blocks_only=True)
+    head = {key[len(HEAD_PREFIX):]: value for key, value in state.items() if key.startswith(HEAD_PREFIX)}
+    classifier = _linear_head(owner, role, head, f"{source} ('head.' entries)")
+    model = nn.Sequential(OrderedDict(backbone=backbone.eval(), projector=projector.eval(), head=classifier))
+    return LoadedClassifier(model, classifier.out_features, builder["in_chans"], input_facts(checkpoint))
+
+
+def hidden_block_count(state: dict[str, Tensor], prefix: str = PROJECTOR_PREFIX, blocks_only: bool = False) -> int:
+    """How many hidden Linear -> BatchNorm1d -> ReLU blocks the :class:`~ssl_lightning.components.heads.MLPHead`
+    stored under ``prefix`` has, read from its state dict alone (block ``j``: ``{3j}`` the Linear,
+    ``{3j+1}`` the BatchNorm with affine weights; in a whole MLPHead a Linear at ``{3j+3}`` follows a
+    hidden block, else it is the output layer). ``blocks_only``: the entries hold hidden blocks alone
+    (FineTune's kept blocks), no output layer. 0: no MLPHead there, or one linear layer."""
+    count = 0
+    while True:
+        linear, norm, following = (f"{prefix}{3 * count + offset}." for offset in (0, 1, 3))
+        weight, next_weight = state.get(linear + "weight"), state.get(following + "weight")
+        if weight is None or weight.dim() != 2 or norm + "running_mean" not in state or norm + "weight" not in state:
+            return count
+        followed = next_weight is not None and next_weight.dim() == 2 and next_weight.shape[1] == weight.shape[0]
+        if not (blocks_only or followed):
+            return count
+        count += 1
+
+
+def projector_blocks(owner: str, state: dict[str, Tensor], count: int, source: str,
+                     prefix: str = PROJECTOR_PREFIX, blocks_only: bool = False) -> nn.Sequential:
+    """The first ``count`` hidden blocks of the MLPHead stored under ``prefix`` in ``state``, with its
+    weights and BatchNorm statistics (loaded strictly; the keys keep their indices, ``0.weight``,
+    ``1.running_mean``, ...). ``count`` 0 gives an empty Sequential (the identity). An error names the
+    blocks there are when fewer than ``count``, or says the projector is missing."""
+    if count == 0:
+        return nn.Sequential()
+    found = hidden_block_count(state, prefix, blocks_only)
+    if found < count:
+        if not any(key.startswith(prefix) for key in state):
+            modules = sorted({key.split(".", 1)[0] for key in state})
+            what = f"has no '{prefix}' module (its modules: {', '.join(modules)})"
+        elif found == 0:
+            what = (f"has a '{prefix.rstrip('.')}' that is not an MLPHead with hidden blocks (Linear-BN-ReLU at "
+                    f"{prefix}0, {prefix}1, {prefix}2, then a Linear at {prefix}3)")
+        else:
+            what = f"has {found} hidden Linear-BN-ReLU block(s) in its projector (a {found + 1}-layer MLPHead)"
+        raise ValueError(
+            f"{owner}: {source} {what}, but {count} projector block(s) were asked for. Keep at most {found} "
+            f"(projector_layers), or pretrain with a deeper projector (SimCLR proj_layers=3 for SimCLRv2)."
+        )
+    layers: list[nn.Module] = []
+    for block in range(count):
+        weight = state[f"{prefix}{3 * block}.weight"]
+        layers += [nn.Linear(weight.shape[1], weight.shape[0], bias=f"{prefix}{3 * block}.bias" in state),
+                   nn.BatchNorm1d(weight.shape[0]), nn.ReLU(inplace=True)]
+    blocks = nn.Sequential(*layers)
+    kept = {key: state[prefix + key] for key in blocks.state_dict() if prefix + key in state}
+    load_exactly(owner, "projector", blocks, kept, f"{count} Linear-BN-ReLU block(s)",
+                 f"{source} ('{prefix}' entries)")
+    return blocks
 
 
 def from_export(owner: str, path: str, head_path: str | None, role: str = "teacher") -> LoadedClassifier:

@@ -96,6 +96,9 @@ class TrainModule(L.LightningModule):
     #: a DataModule whose recipe makes another count fails before training
     expected_views: int | tuple[int, int] = 1
 
+    #: init arguments that only Python can give (an ``nn.Module``): never saved as hyperparameters
+    python_only_arguments: tuple[str, ...] = ()
+
     def __init__(
         self,
         backbone: str | nn.Module = "resnet18",
@@ -126,8 +129,9 @@ class TrainModule(L.LightningModule):
     ):
         super().__init__()
         custom_backbone = isinstance(backbone, nn.Module)
-        # Collects the arguments of every __init__ up the class hierarchy (the method's own too).
-        self.save_hyperparameters(ignore=["backbone"] if custom_backbone else None)
+        # Collects the arguments of every __init__ up the class hierarchy (the method's own too); modules
+        # given in Python stay out (checkpoints load weights_only).
+        self.save_hyperparameters(ignore=[*(["backbone"] if custom_backbone else []), *self.python_only_arguments])
         self._custom_backbone = backbone if custom_backbone else None
         self.backbone: nn.Module | None = None
         self.nonfinite = NonFiniteGuard(on_nonfinite_loss, type(self).__name__)

@@ -21,7 +21,12 @@ from ssl_lightning.datamodules.device_batches import (
     resolve_view_device,
 )
 from ssl_lightning.datamodules.device_views import DeviceViews
-from ssl_lightning.datamodules.label_fraction import PartiallyLabelled, labelled_subset, write_labelled_subset
+from ssl_lightning.datamodules.label_fraction import (
+    LabelledImages,
+    PartiallyLabelled,
+    labelled_subset,
+    write_labelled_subset,
+)
 from ssl_lightning.datamodules.sampling import (
     ResumableDataLoader,
     SeededSampler,
@@ -122,6 +127,11 @@ class ViewDataModule(L.LightningDataModule, ABC):
             on ``label_fraction_seed`` alone (the same on every rank and rerun) and is written to
             ``labelled_subset.json`` in the run directory. The kNN bank, a monitor, keeps every label.
         label_fraction_seed: seed of the labelled subset.
+        unlabelled: what the training split does with its unlabelled images (those outside
+            ``label_fraction``'s subset, or stored with label -1): "keep" (default) them in the
+            batches, where the losses mask them, or "drop" them, so training sees the labelled images
+            alone (SimCLRv2's fine-tuning on 1 % or 10 % of the labels). The subset is still written
+            to the run directory; validation and the kNN bank are untouched.
     """
 
     def __init__(
@@ -142,6 +152,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
         batch_styles_mix: float = DEFAULT_MIX,
         label_fraction: float | None = None,
         label_fraction_seed: int = 0,
+        unlabelled: Literal["keep", "drop"] = "keep",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -160,6 +171,9 @@ class ViewDataModule(L.LightningDataModule, ABC):
                                  f"in the DataLoader workers: set view_device to 'device' or 'auto', or {option}=False")
         if label_fraction is not None and not 0.0 < label_fraction <= 1.0:
             raise ValueError(f"label_fraction must be in (0, 1] (e.g. 0.1 for 10% of the labels) or None, got {label_fraction}")
+        if unlabelled not in ("keep", "drop"):
+            raise ValueError(f"unlabelled must be 'keep' (masked in the losses) or 'drop' (train on the labelled "
+                             f"images alone), got {unlabelled!r}")
         if batch_styles:
             check_style_parameters(batch_styles_area_ratio, batch_styles_mix, prefix="batch_styles_")
         self._batch_size = batch_size
@@ -180,6 +194,7 @@ class ViewDataModule(L.LightningDataModule, ABC):
         self.batch_styles_mix = batch_styles_mix
         self.label_fraction = label_fraction
         self.label_fraction_seed = label_fraction_seed
+        self.unlabelled = unlabelled
         self._pixel_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._knn_bank_requested = False
         self._datasets: dict[Split, ViewDataset | None] = {}
@@ -268,6 +283,8 @@ class ViewDataModule(L.LightningDataModule, ABC):
             train = self._checked_images("train")
             if self.label_fraction is not None:
                 train = self._keep_label_fraction(train)
+            if self.unlabelled == "drop":
+                train = LabelledImages(train, f"{type(self).__name__} (unlabelled='drop')")
             self._check_batch_fits(len(train))
             self.views_on_device = self._resolve_view_device() == "device"
             if self.views_on_device:

@@ -2,7 +2,8 @@
 
 ``labelled_subset`` picks the same number share of every class (stratified), from a seed alone, so
 every rank and every rerun keeps the same images; ``PartiallyLabelled`` shows the others as
-unlabelled (-1), which every loss already masks.
+unlabelled (-1), which every loss already masks; ``LabelledImages`` keeps the labelled images alone
+(SimCLRv2 fine-tunes on the labelled subset only, not on batches that are 90-99 % masked rows).
 """
 
 from __future__ import annotations
@@ -57,6 +58,26 @@ class PartiallyLabelled:
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, _ = self.source[index]
+        return image, int(self.labels[index])
+
+
+class LabelledImages:
+    """The labelled images (label >= 0) of a source alone, in their order: item ``i`` is the source's
+    ``kept[i]``. Batch ``index`` values then count within this subset."""
+
+    def __init__(self, source: ImageSource, owner: str = "unlabelled='drop'") -> None:
+        labels = torch.as_tensor(source.labels, dtype=torch.long)
+        self.kept = (labels != UNLABELLED).nonzero().flatten()
+        if len(self.kept) == 0:
+            raise ValueError(f"{owner}: the training split ({source.origin}) has no labelled image to keep")
+        self.source, self.labels = source, labels[self.kept]
+        self.origin = f"{source.origin}, its {len(self.kept)} labelled images only"
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, _ = self.source[int(self.kept[index])]
         return image, int(self.labels[index])
 
 

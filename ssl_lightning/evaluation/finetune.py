@@ -1,4 +1,5 @@
-"""Fine-tuning: a pretrained backbone and a new linear head, trained together with labels."""
+"""Fine-tuning: a pretrained backbone (and, for SimCLRv2, the first blocks of its projector) and a new
+linear head, trained together with labels."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ssl_lightning.components.classifier_files import FINETUNED_CLASSIFIER, projector_blocks
 from ssl_lightning.core.data_link import read_batch_size, require_views
+from ssl_lightning.core.module import SAVED_DATA_FACTS
 from ssl_lightning.core.optimization import OptimizationConfig, configure_optimization
 from ssl_lightning.core.step_logging import log_learning_rates
 from ssl_lightning.evaluation.pretrained import PretrainedBackboneModule
@@ -19,7 +22,7 @@ from ssl_lightning.optim import layer_decay_param_groups
 
 
 class FineTune(PretrainedBackboneModule):
-    """Fine-tunes the whole network of a method checkpoint (backbone + a new linear head).
+    """Fine-tunes the whole network of a method checkpoint (backbone [+ projector blocks] + a new linear head).
 
     Every parameter trains, BatchNorm included (train mode), with cross-entropy on the batch's first
     view: the DataModule's ``views`` recipe is the augmentation (``configs/eval/finetune.yaml`` uses
@@ -37,6 +40,17 @@ class FineTune(PretrainedBackboneModule):
     ``fit`` writes ``finetune_top1.json`` (the last epoch's top-1, not the best) and a line of
     ``results.md`` into the run directory.
 
+    SimCLRv2 (Chen et al. 2020, "Big Self-Supervised Models are Strong Semi-Supervised Learners",
+    section 2) fine-tunes "from a middle layer" of the projector: ``projector_layers=1`` keeps the
+    first Linear-BN-ReLU block of the checkpoint's 3-layer projector (google-research/simclr
+    ``tf2/run.py`` ``ft_proj_selector=1``) on top of the backbone, with its weights and BatchNorm
+    statistics, and trains it with the rest; the head sits on that block's output. Its paper
+    optimizer is ``configs/cifar10/simclrv2_finetune.yaml``'s; with ``optimizer: lars`` the groups
+    follow SimCLR's LARS (``lars_groups_as_simclr``). The checkpoint this writes is a classifier file:
+    ``KD --model.init_args.teacher_ckpt <it>`` distils it (``components.classifier_files``).
+    To fine-tune on the labelled images only (SimCLRv2's 1 % / 10 %), give the DataModule
+    ``label_fraction`` and ``unlabelled: drop``.
+
     Args:
         pretrained: method checkpoint whose backbone is fine-tuned.
         optimizer, momentum, optimizer_kwargs: as for the methods (``ssl_lightning.optim.create_optimizer``);
@@ -51,6 +65,9 @@ class FineTune(PretrainedBackboneModule):
         label_smoothing: cross-entropy label smoothing.
         drop_path_rate: stochastic depth of a timm backbone, rebuilt with it (MAE: 0.1 for ViT-B);
             0 builds the backbone exactly as it was pretrained.
+        projector_layers: hidden blocks (Linear-BN-ReLU) of the checkpoint's ``projector`` MLPHead kept
+            between the backbone and the head and fine-tuned with them: 0 (default) fine-tunes the
+            backbone alone, SimCLRv2 keeps 1 of its 3-layer projector's 2.
     """
 
     def __init__(
@@ -67,6 +84,7 @@ class FineTune(PretrainedBackboneModule):
         layer_decay: float | None = None,
         label_smoothing: float = 0.1,
         drop_path_rate: float = 0.0,
+        projector_layers: int = 0,
         num_classes: int | None = None,
         batch_size: int | None = None,
         in_chans: int | None = None,
@@ -75,6 +93,9 @@ class FineTune(PretrainedBackboneModule):
         super().__init__(pretrained, num_classes, batch_size, in_chans, image_size)
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"FineTune: layer_decay must be in (0, 1] or None (off), got {layer_decay}.")
+        if projector_layers < 0:
+            raise ValueError(f"FineTune: projector_layers must be >= 0 (0: no projector block), got {projector_layers}")
+        self.projector: nn.Sequential | None = None
         self.head: nn.Linear | None = None
 
     def setup(self, stage: str) -> None:
@@ -100,7 +121,7 @@ class FineTune(PretrainedBackboneModule):
             raise ValueError(
                 "FineTune needs num_classes: use a labelled DataModule (it links num_classes) or pass num_classes."
             )
-        self.head = nn.Linear(self.feat_dim, num_classes)
+        self.head = nn.Linear(self._head_input_dim(), num_classes)
         # MAE (after MoCo v3): near-zero logits at the start, so the new head's first gradients do
         # not disturb the pretrained features.
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
@@ -111,7 +132,7 @@ class FineTune(PretrainedBackboneModule):
     def _load_backbone(self) -> None:
         rate = self.hparams.drop_path_rate
         try:
-            self.load_pretrained_backbone(**({"drop_path_rate": rate} if rate else {}))
+            checkpoint = self.load_pretrained_backbone(**({"drop_path_rate": rate} if rate else {}))
         except TypeError as error:
             if not rate:
                 raise
@@ -119,11 +140,21 @@ class FineTune(PretrainedBackboneModule):
                 f"FineTune: drop_path_rate={rate}, but the checkpoint's backbone builder does not take it ({error}). "
                 "timm's ViTs, ResNets and ConvNeXts do, torchvision's ResNets do not; set drop_path_rate to 0."
             ) from error
+        self._load_projector(checkpoint)
         # Lightning keeps each submodule's mode, and the checkpoint's backbone comes in eval mode.
         self.backbone.train()
 
+    def _load_projector(self, checkpoint: dict) -> None:
+        source = f"pretrained={self.hparams.pretrained}"
+        self.projector = projector_blocks(type(self).__name__, checkpoint["state_dict"], self.hparams.projector_layers,
+                                          source).train()
+
+    def _head_input_dim(self) -> int:
+        linears = [layer for layer in self.projector if isinstance(layer, nn.Linear)]
+        return linears[-1].out_features if linears else self.feat_dim
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        return self.head(self.projector(self.backbone(images)))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         require_views(batch, type(self).__name__)
@@ -148,7 +179,11 @@ class FineTune(PretrainedBackboneModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = layer_decay_param_groups(self.backbone, self.head, hp.weight_decay, hp.layer_decay)
+        # The kept projector blocks count as the top layer, with the head (layer decay leaves them at full LR).
+        top = nn.Sequential(self.projector, self.head)
+        groups = layer_decay_param_groups(self.backbone, top, hp.weight_decay, hp.layer_decay)
+        if hp.optimizer == "lars":
+            groups = lars_groups_as_simclr(groups, self.head)
         return configure_optimization(
             OptimizationConfig.from_hparams(hp), groups, self.trainer, hp.batch_size or read_batch_size(self.trainer)
         )
@@ -159,12 +194,24 @@ class FineTune(PretrainedBackboneModule):
         decay = f"layer decay {hp.layer_decay}" if hp.layer_decay not in (None, 1.0) else "no layer decay"
         views = getattr(self.trainer.datamodule, "views", None)
         augmentation = f"the '{views}' view" if isinstance(views, str) else "the recipe's own view"
+        blocks = f" + {hp.projector_layers} projector block(s)" if hp.projector_layers else ""
         return (
-            f"fine-tuning of the whole network + linear head on {augmentation}; {hp.optimizer} "
+            f"fine-tuning of the whole network{blocks} + linear head on {augmentation}; {hp.optimizer} "
             f"lr {hp.lr} per 256 ({hp.lr_scaling} scaling: peak {peak:.3g}), wd {hp.weight_decay}, "
             f"{hp.warmup_epochs:g} warm-up epochs + cosine per step, {decay}, label smoothing {hp.label_smoothing}, "
             f"drop path {hp.drop_path_rate}, batch {hp.batch_size} per process"
         )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What makes this checkpoint a classifier file (a KD teacher): how to rebuild the backbone without
+        # the pretrained checkpoint, how many projector blocks follow it, and the data it was tuned on.
+        checkpoint[FINETUNED_CLASSIFIER] = {"builder": self.backbone_builder,
+                                            "projector_layers": self.hparams.projector_layers}
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if datamodule is not None:
+            facts = {key: getattr(datamodule, key, None) for key in SAVED_DATA_FACTS}
+            checkpoint["data_facts"] = {key: list(value) if isinstance(value, tuple) else value
+                                        for key, value in facts.items() if value is not None}
 
     def on_fit_end(self) -> None:
         top1 = self.trainer.callback_metrics.get("val/finetune_top1")
@@ -175,3 +222,27 @@ class FineTune(PretrainedBackboneModule):
         rank_zero_info(f"FineTune: top-1 {value:.2f}% on the val split after {self.trainer.current_epoch} epochs "
                        f"({self.protocol()})")
         self.write_result(self.protocol(), "finetune_top1", value, epochs=self.trainer.current_epoch)
+
+
+def lars_groups_as_simclr(groups: list[dict], head: nn.Module) -> list[dict]:
+    """The parameter groups for LARS as SimCLR's (google-research/simclr ``tf2/lars_optimizer.py``,
+    ``tf2/model.py`` ``build_optimizer``): every parameter's LR is adapted by the trust ratio except
+    biases, BatchNorm parameters and the supervised head's, whatever the weight decay. timm's ``Lars``
+    adapts only groups with weight decay unless a group sets ``always_adapt``, so SimCLRv2's fine-tuning
+    (weight decay 0) would train without any adaptation. Here the groups with decayed parameters adapt
+    always, and the head's parameters leave them for a group of their own (``<name>_head``): a head
+    that starts near zero would otherwise take near-zero steps. (With weight decay, timm also adapts that
+    head group; SimCLR does not.) The ``no_decay`` groups (biases, norms) never adapt, as in SimCLR."""
+    head_params = {id(param) for param in head.parameters()}
+    out = []
+    for group in groups:
+        if group["name"].endswith("no_decay"):
+            out.append(group)
+            continue
+        body = [param for param in group["params"] if id(param) not in head_params]
+        top = [param for param in group["params"] if id(param) in head_params]
+        if body:
+            out.append({**group, "params": body, "always_adapt": True})
+        if top:
+            out.append({**group, "name": f"{group['name']}_head", "params": top, "always_adapt": False})
+    return out

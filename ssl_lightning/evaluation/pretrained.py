@@ -10,7 +10,7 @@ from torch import nn
 
 from ssl_lightning.backbones import feature_dim
 from ssl_lightning.evaluation.results import write_result
-from ssl_lightning.export import load_checkpoint, rebuild_backbone
+from ssl_lightning.export import builder_args, load_checkpoint, rebuild_backbone
 
 
 class PretrainedBackboneModule(L.LightningModule):
@@ -38,6 +38,8 @@ class PretrainedBackboneModule(L.LightningModule):
         self.save_hyperparameters()
         self.backbone: nn.Module | None = None
         self.feat_dim: int | None = None
+        #: the checkpoint's builder arguments of the backbone (``build_backbone(**backbone_builder)``)
+        self.backbone_builder: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -49,11 +51,15 @@ class PretrainedBackboneModule(L.LightningModule):
         if self.backbone is None:
             self.load_pretrained_backbone()
 
-    def load_pretrained_backbone(self, **builder_kwargs: Any) -> None:
-        """Set ``backbone`` (eval mode, the checkpoint's weights) and ``feat_dim``; ``builder_kwargs``
-        join the checkpoint's builder arguments (e.g. ``drop_path_rate``)."""
+    def load_pretrained_backbone(self, **builder_kwargs: Any) -> dict:
+        """Set ``backbone`` (eval mode, the checkpoint's weights), ``feat_dim`` and ``backbone_builder``
+        (the checkpoint's own builder arguments); ``builder_kwargs`` join them for this build only (e.g.
+        ``drop_path_rate``). Returns the checkpoint, whose other modules a subclass may read (FineTune's
+        projector blocks)."""
         path = self.hparams.pretrained
-        backbone, builder = rebuild_backbone(load_checkpoint(path), path, builder_kwargs)
+        checkpoint = load_checkpoint(path)
+        self.backbone_builder = builder_args(checkpoint, path)
+        backbone, builder = rebuild_backbone(checkpoint, path, builder_kwargs)
         data_chans = self.hparams.in_chans
         if data_chans is not None and data_chans != builder["in_chans"]:
             raise ValueError(
@@ -62,6 +68,7 @@ class PretrainedBackboneModule(L.LightningModule):
             )
         self.backbone = backbone
         self.feat_dim = feature_dim(backbone, builder["in_chans"], self.hparams.image_size or 32)
+        return checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()

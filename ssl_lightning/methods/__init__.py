@@ -18,6 +18,7 @@ from ssl_lightning.methods.ssl import (
     MoCoV2,
     MoCoV3,
     RandomTeachers,
+    SelfDistilledMAE,
     SimCLR,
     SimSiam,
     SSLMethod,
@@ -25,7 +26,18 @@ from ssl_lightning.methods.ssl import (
     SwAV,
     VICReg,
 )
-from ssl_lightning.methods.supervised import DKD, KD, LSSKD, NKD, PSKD, SLA, USKD, Classifier, SupervisedMethod
+from ssl_lightning.methods.supervised import (
+    DKD,
+    KD,
+    LSSKD,
+    NKD,
+    PSKD,
+    SLA,
+    USKD,
+    Classifier,
+    GuidedSelfDistillation,
+    SupervisedMethod,
+)
 from ssl_lightning.methods.tta import EATA, RMT, ROID, SAR, BNAdapt, CoTTA, Source, Tent, TTAMethod
 
 __all__ = [
@@ -33,6 +45,7 @@ __all__ = [
     "METHODS", "MYOW", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3", "NKD", "NNCLR", "SSLMethod", "SimCLR",
     "SimSiam", "Source", "SupCon", "SupervisedMethod", "SwAV", "TRAINABLE", "TTAMethod", "Tent", "VICReg", "EATA", "SAR",
     "CoTTA", "RMT", "ROID", "MAE", "RandomTeachers", "LSSKD", "PSKD", "SLA", "USKD", "IBOT",
+    "GuidedSelfDistillation", "SelfDistilledMAE",
 ]
 
 #: each family's methods by short name: "ssl" (self-supervised, ``SSLMethod``), "supervised"

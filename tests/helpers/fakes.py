@@ -30,7 +30,9 @@ SMALL_HEAD_WIDTHS = {
 }
 
 #: methods that need a ViT: the tiny one, taking the images' size as they come (Digits' 8x8, fakes' 16x16)
-VIT_ONLY = {"MAE", "IBOT"}
+VIT_ONLY = {"MAE", "IBOT", "SelfDistilledMAE"}
+#: students whose Python ``teacher`` is an encoder of their own backbone's architecture, not a classifier
+ENCODER_TEACHERS = {"SelfDistilledMAE"}
 TINY_DYNAMIC_VIT = {**TINY_VIT, "backbone_kwargs": {**TINY_VIT["backbone_kwargs"], "dynamic_img_size": True}}
 
 
@@ -42,10 +44,15 @@ def tiny_method(method, backbone: dict | None = None, **kwargs):
 
     cls = METHODS[method] if isinstance(method, str) else method
     accepted = inspect.signature(cls.__init__).parameters
-    if "teacher" in accepted and not any(key.startswith("teacher") for key in kwargs):  # distillation students
-        kwargs["teacher"] = tiny_teacher(kwargs.get("in_chans") or 1, kwargs.get("num_classes") or 10)
-    heads = {name: width for name, width in SMALL_HEAD_WIDTHS.items() if name in accepted}
     default_backbone = TINY_DYNAMIC_VIT if cls.__name__ in VIT_ONLY else TINY_BACKBONE
+    from ssl_lightning.cli import init_argument_names
+
+    # distillation students (their teacher arguments may come from a base class)
+    if "teacher" in init_argument_names(cls) and not any(key.startswith("teacher") for key in kwargs):
+        in_chans = kwargs.get("in_chans") or 1
+        kwargs["teacher"] = (tiny_encoder_teacher(in_chans, backbone or default_backbone)
+                             if cls.__name__ in ENCODER_TEACHERS else tiny_teacher(in_chans, kwargs.get("num_classes") or 10))
+    heads = {name: width for name, width in SMALL_HEAD_WIDTHS.items() if name in accepted}
     return cls(**(backbone or default_backbone), **{**heads, **kwargs})
 
 
@@ -57,6 +64,16 @@ def tiny_teacher(in_chans: int = 1, num_classes: int = 10):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return timm.create_model("resnet18", in_chans=in_chans, num_classes=num_classes, **TINY_BACKBONE["backbone_kwargs"])
+
+
+def tiny_encoder_teacher(in_chans: int = 1, backbone: dict = TINY_DYNAMIC_VIT):
+    """A frozen-teacher stand-in for the students of ``ENCODER_TEACHERS``: the student's tiny backbone
+    (images -> features, no classifier), seeded."""
+    from ssl_lightning.backbones import build_backbone
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_backbone(backbone["backbone"], in_chans=in_chans, kwargs=backbone.get("backbone_kwargs"))
 
 
 def quick_trainer(**kwargs):

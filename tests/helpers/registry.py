@@ -16,7 +16,8 @@ FAMILY_OF = {name: family for family, methods in FAMILIES.items() for name in me
 
 #: the module after the backbone in each family (its output dtype shows that autocast ran)
 FIRST_HEAD = {"ssl": "projector", "supervised": "head"}
-FIRST_HEAD_OF_METHOD = {"MAE": "decoder"}  # MAE has no projector: its pixel decoder follows the encoder
+# MAE has no projector: its pixel decoder follows the encoder
+FIRST_HEAD_OF_METHOD = {"MAE": "decoder", "SelfDistilledMAE": "decoder"}
 
 #: what a short fit on labelled data with the kNN monitor logs, per family
 FIT_METRICS = {

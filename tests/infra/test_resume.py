@@ -33,6 +33,13 @@ def test_run_lives_in_root_and_keeps_last_two_step_checkpoints(finished_run):
     assert (finished_run / "lightning_logs").is_dir()
 
 
+def test_a_fit_whose_length_is_not_a_multiple_of_the_checkpoint_interval_saves_its_final_step(tmp_path):
+    main(tiny_fit_args("uneven", 1, "--root", str(tmp_path), "--checkpoint_every_n_steps", "2"))
+    checkpoints = tmp_path / "uneven" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["last.ckpt", "step=2.ckpt", "step=3.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
 def test_rerun_with_same_name_resumes_from_last_checkpoint(finished_run, caplog):
     copy_run(finished_run, "again")
     caplog.set_level("INFO")

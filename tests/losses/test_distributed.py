@@ -15,7 +15,14 @@ from ssl_lightning.distributed import (
     rank,
     world_size,
 )
-from ssl_lightning.losses import barlow_twins, batch_info_nce, dcl, normalized_regression, nt_xent
+from ssl_lightning.losses import (
+    barlow_twins,
+    batch_info_nce,
+    dcl,
+    normalized_regression,
+    nt_xent,
+    self_distillation_loss,
+)
 
 from helpers.gloo import WORLD_SIZE, run_on_two_ranks
 
@@ -25,6 +32,7 @@ LOSSES = {
     "normalized_regression": normalized_regression,
     "dcl": dcl,
     "batch_info_nce": batch_info_nce,
+    "self_distillation_loss": self_distillation_loss,
 }
 SHARD_SIZES = {"equal": [4, 4], "uneven": [3, 5]}
 GATHER_CASES = {

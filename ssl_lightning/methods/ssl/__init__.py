@@ -15,6 +15,7 @@ from ssl_lightning.methods.ssl.moco_v3 import MoCoV3
 from ssl_lightning.methods.ssl.myow import MYOW
 from ssl_lightning.methods.ssl.nnclr import NNCLR
 from ssl_lightning.methods.ssl.random_teachers import RandomTeachers
+from ssl_lightning.methods.ssl.self_distilled_mae import SelfDistilledMAE
 from ssl_lightning.methods.ssl.simclr import SimCLR
 from ssl_lightning.methods.ssl.simsiam import SimSiam
 from ssl_lightning.methods.ssl.supcon import SupCon
@@ -23,13 +24,14 @@ from ssl_lightning.methods.ssl.vicreg import VICReg
 
 __all__ = [
     "BYOL", "DCL", "DCLW", "DINO", "IBOT", "MAE", "MYOW", "NNCLR", "BarlowTwins", "ISogCLR", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3",
-    "RandomTeachers", "SSLMethod", "SimCLR", "SimSiam", "SupCon", "SwAV", "VICReg",
+    "RandomTeachers", "SSLMethod", "SelfDistilledMAE", "SimCLR", "SimSiam", "SupCon", "SwAV", "VICReg",
 ]
 
 #: the self-supervised methods by short name: the foundation three, the contrastive family, then
-#: the non-contrastive and clustering family, then self-distillation and masked image modelling
+#: the non-contrastive and clustering family, then self-distillation and masked image modelling (MAE,
+#: then its self-distilled further pre-training)
 METHODS = {
     cls.__name__: cls
     for cls in (SimCLR, BarlowTwins, BYOL, MoCoV2, MoCHi, MoCoV3, NNCLR, DCL, DCLW, SupCon, ISogCLR,
-                SimSiam, VICReg, MixedBarlowTwins, SwAV, MYOW, DINO, RandomTeachers, IBOT, MAE)
+                SimSiam, VICReg, MixedBarlowTwins, SwAV, MYOW, DINO, RandomTeachers, IBOT, MAE, SelfDistilledMAE)
 }

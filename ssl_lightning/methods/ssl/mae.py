@@ -10,14 +10,19 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ssl_lightning.components.classifier_files import load_exactly, read_state_dict
 from ssl_lightning.components.heads import MAEDecoder, sincos_position_embedding
 from ssl_lightning.components.masking import check_patch_tokens, gather_tokens, random_masking
+from ssl_lightning.export import PREFIX, backbone_state_dict, load_checkpoint
 from ssl_lightning.losses.mae import mae_loss, patchify
 from ssl_lightning.methods.ssl.base import SSLMethod
 
 #: AdamW's betas in MAE's pre-training (``main_pretrain.py``); a lower beta2 than torch's 0.999
 MAE_BETAS = [0.9, 0.95]
 PROBE_FEATURES = ("full", "visible")
+DECODER_PREFIX = "decoder."
+#: timm's ViT classifier: in a weights file, not part of the encoder MAE trains (its backbone has no head)
+TIMM_VIT_CLASSIFIER = "head."
 
 
 class MAE(SSLMethod):
@@ -55,6 +60,22 @@ class MAE(SSLMethod):
     instead, for free, but trains the probe on features of a quarter of each image. ``embed`` gives
     the features as both ``feats`` and ``embeds``: MAE has no projector.
 
+    Starting from trained weights (further pre-training, Lee et al., ICLR 2023, "Self-Distillation for
+    Further Pre-training of Transformers": MAE continued on the target data from a pre-trained MAE):
+    ``init_ckpt`` is one of our MAE checkpoints (written by ``fit`` of ``MAE`` or a subclass), whose
+    backbone *and* decoder are loaded, so the whole autoencoder goes on training (the online probe and
+    any teacher in it are not); ``init_weights`` is a timm ViT's state dict in a local file
+    (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with ``weights_only=True``; a ``state_dict`` or
+    ``model`` wrapper and a ``module.`` prefix are removed, timm's classifier ``head.*`` is dropped), e.g.
+    the official ``mae_pretrain_vit_base.pth`` or an ``export`` of one of our backbones: the encoder
+    only, the decoder starts fresh. Both load strictly when the model is built (``configure_model``,
+    before the optimizer exists), after the fresh initialisation, so the file's position embedding
+    replaces the sin-cos one (still fixed with ``fixed_pos_embed``: as MAE's, not trained); weights of
+    another architecture (other backbone, backbone_kwargs, decoder sizes or channels) stop with an error
+    naming a few missing, unexpected and reshaped keys. A resumed ``fit`` builds the model (reading the
+    file again: it must still exist) before Lightning restores the checkpoint, whose weights then replace
+    the initial ones; ``load_from_checkpoint`` builds the model without them, reading no initial file.
+
     Departures: timm's ViT leaves its class token undecayed (``no_weight_decay``; the official code
     decays it; the mask token is decayed in both); the random resized crop interpolates bilinearly
     (the official one bicubically).
@@ -70,6 +91,8 @@ class MAE(SSLMethod):
         optimizer_kwargs: None gives MAE's betas (0.9, 0.95) to the Adam-type optimizers; a dict is
             passed to the optimizer as given.
         backbone: a timm ViT name (or module); ``backbone_kwargs`` sets img_size and patch_size.
+        init_ckpt: an MAE checkpoint to start from (backbone and decoder), or None.
+        init_weights: a timm ViT state dict file to start the encoder from, or None (not with ``init_ckpt``).
         **kwargs: backbone, optimizer and schedule arguments of :class:`SSLMethod`.
     """
 
@@ -91,8 +114,16 @@ class MAE(SSLMethod):
         warmup_epochs: float = 40.0,
         optimizer_kwargs: dict[str, Any] | None = None,
         backbone: str | nn.Module = "vit_base_patch16_224",
+        init_ckpt: str | None = None,
+        init_weights: str | None = None,
         **kwargs: Any,
     ):
+        name = type(self).__name__
+        if init_ckpt is not None and init_weights is not None:
+            raise ValueError(
+                f"{name}: give one of init_ckpt={init_ckpt!r} (an MAE checkpoint: encoder and decoder) and "
+                f"init_weights={init_weights!r} (a timm ViT state dict: the encoder alone), not both."
+            )
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"MAE needs 0 <= mask_ratio < 1, got {mask_ratio}")
         if probe_features not in PROBE_FEATURES:
@@ -135,20 +166,69 @@ class MAE(SSLMethod):
             vit.embed_dim, height * width * vit.patch_embed.proj.in_channels, vit.patch_embed.grid_size,
             vit.num_prefix_tokens, hp.decoder_embed_dim, hp.decoder_depth, hp.decoder_num_heads, hp.decoder_mlp_ratio,
         )
+        self.load_initial_weights()
+
+    def load_initial_weights(self) -> None:
+        """``init_ckpt``'s backbone and decoder, or ``init_weights`` into the backbone (strictly), if given."""
+        hp, owner = self.hparams, type(self).__name__
+        if hp.get("init_ckpt") is not None:
+            checkpoint = read_method_checkpoint(owner, "init_ckpt", hp.init_ckpt)
+            source = f"init_ckpt={hp.init_ckpt}"
+            decoder = {key[len(DECODER_PREFIX):]: value for key, value in checkpoint["state_dict"].items()
+                       if key.startswith(DECODER_PREFIX)}
+            if not decoder:
+                raise ValueError(
+                    f"{owner}: {source} has no MAE decoder ('{DECODER_PREFIX}' entries): it is the checkpoint of "
+                    f"{trained_as(checkpoint)}, not of MAE. To start the encoder alone from it, export its backbone "
+                    f"(python -m ssl_lightning export --ckpt {hp.init_ckpt} --out backbone.safetensors) and pass "
+                    "that file as init_weights."
+                )
+            load_exactly(owner, "initial", self.backbone, backbone_state_dict(checkpoint), self.describe_backbone(),
+                         f"{source} ('{PREFIX}' entries of {trained_as(checkpoint)})")
+            load_exactly(owner, "initial", self.decoder, decoder,
+                         f"this {owner}'s decoder (decoder_embed_dim {hp.decoder_embed_dim}, decoder_depth "
+                         f"{hp.decoder_depth}, decoder_num_heads {hp.decoder_num_heads})",
+                         f"{source} ('{DECODER_PREFIX}' entries)")
+        elif hp.get("init_weights") is not None:
+            weights = read_state_dict(owner, hp.init_weights, "init_weights")
+            weights = {key: value for key, value in weights.items() if not key.startswith(TIMM_VIT_CLASSIFIER)}
+            load_exactly(owner, "initial", self.backbone, weights, self.describe_backbone(),
+                         f"init_weights={hp.init_weights}")
+
+    def describe_backbone(self) -> str:
+        """This method's encoder architecture, for errors about weights that do not fit it."""
+        hp = self.hparams
+        if self._custom_backbone is not None:
+            return f"this {type(self).__name__}'s backbone (a {type(self._custom_backbone).__name__} given in Python)"
+        return f"this {type(self).__name__}'s backbone ({hp.backbone} with backbone_kwargs {hp.backbone_kwargs or {}})"
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any):
+        """Lightning's ``load_from_checkpoint``, building the model without its initial weights (the
+        checkpoint's replace them), so the initial file need not exist; pass ``init_ckpt`` or
+        ``init_weights`` to read one anyway."""
+        kwargs.setdefault("init_ckpt", None)
+        kwargs.setdefault("init_weights", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(images)
         return {"feats": feats, "embeds": feats}
 
-    def shared_step(self, batch: dict) -> dict:
+    def masked_reconstruction(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MAE's loss on ``images`` (a new random mask per image) and the masked pass's pooled features."""
         hp = self.hparams
-        images = batch["views"][0]
         patches = patchify(images, self.patch_size)
         mask = random_masking(images.shape[0], patches.shape[1], hp.mask_ratio, images.device)
         tokens, pooled = self.backbone(images, ids_keep=mask.ids_keep)  # the encoder on the visible patches
         grid_size = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         pred = self.decoder(tokens, mask.ids_restore, grid_size)
-        loss = mae_loss(pred, patches, mask.mask, hp.norm_pix_loss)
+        return mae_loss(pred, patches, mask.mask, hp.norm_pix_loss), pooled
+
+    def shared_step(self, batch: dict) -> dict:
+        hp = self.hparams
+        images = batch["views"][0]
+        loss, pooled = self.masked_reconstruction(images)
         if self.probe is None:  # no probe, no use for feats: skip the extra pass
             return {"loss": loss}
         if hp.probe_features == "visible":
@@ -157,6 +237,23 @@ class MAE(SSLMethod):
             with torch.no_grad():
                 feats = self.backbone(images)
         return {"loss": loss, "feats": feats}
+
+
+def read_method_checkpoint(owner: str, argument: str, path: str) -> dict:
+    """One of our method checkpoints (``export.load_checkpoint``: ``weights_only=True``, a backbone), or
+    an error naming the argument that gave it."""
+    try:
+        return load_checkpoint(path)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"{owner}: {argument}: {error}") from None
+
+
+def trained_as(checkpoint: dict) -> str:
+    """The method and backbone a checkpoint was trained with, in words (for errors)."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    method = str(hparams.get("_class_path", "a method")).rsplit(".", 1)[-1]  # recorded by the CLI only
+    backbone = hparams.get("backbone", "a backbone given in Python")
+    return f"{method} with {backbone}, backbone_kwargs {hparams.get('backbone_kwargs') or {}}"
 
 
 class MaskedVisionTransformer(VisionTransformer):

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
-from ssl_lightning.components.frozen_teacher import FrozenTeacher
 from ssl_lightning.losses import labelled_cross_entropy
 from ssl_lightning.losses.dkd import decoupled_kd_terms
-from ssl_lightning.methods.supervised.base import SupervisedMethod
+from ssl_lightning.methods.supervised.distillation import DistillationStudent
 
 
 def dkd_warmup(epoch: int, warmup_epochs: float) -> float:
@@ -19,7 +16,7 @@ def dkd_warmup(epoch: int, warmup_epochs: float) -> float:
     return 1.0 if warmup_epochs <= 0 else min((epoch + 1) / warmup_epochs, 1.0)
 
 
-class DKD(SupervisedMethod):
+class DKD(DistillationStudent):
     """Decoupled knowledge distillation from a frozen classifier teacher:
 
         loss = ce_weight * CE(s, y) + w(epoch) * (alpha * TCKD + beta * NCKD)
@@ -46,9 +43,9 @@ class DKD(SupervisedMethod):
         ce_weight: weight of the cross-entropy with the labels.
         dkd_warmup_epochs: epochs over which the DKD weight rises linearly to 1 (0: no warm-up); not the
             learning rate's ``warmup_epochs``.
-        teacher_ckpt, teacher_head, teacher_timm, teacher_weights, teacher_timm_kwargs, teacher,
-            save_teacher: the teacher, as for :class:`~ssl_lightning.methods.supervised.kd.KD`.
-        **kwargs: backbone, data, optimizer and schedule arguments of :class:`SupervisedMethod`.
+        **kwargs: the teacher's arguments (``teacher_ckpt``, ``teacher_timm``, ...: see
+            :class:`~ssl_lightning.methods.supervised.distillation.DistillationStudent`) and the backbone, data,
+            optimizer and schedule arguments of :class:`SupervisedMethod`.
     """
 
     def __init__(
@@ -58,21 +55,11 @@ class DKD(SupervisedMethod):
         temperature: float = 4.0,
         ce_weight: float = 1.0,
         dkd_warmup_epochs: float = 20.0,
-        teacher_ckpt: str | None = None,
-        teacher_head: str | None = None,
-        teacher_timm: str | None = None,
-        teacher_weights: str | None = None,
-        teacher_timm_kwargs: dict[str, Any] | None = None,
-        teacher: nn.Module | None = None,
-        save_teacher: bool = False,
         **kwargs: Any,
     ):
         if temperature <= 0:
             raise ValueError(f"DKD: temperature must be > 0, got {temperature}.")
-        teacher_module, teacher = teacher, None  # hyperparameters hold no module (checkpoints load weights_only)
         super().__init__(**kwargs)
-        self.teacher = FrozenTeacher(type(self).__name__, teacher_ckpt, teacher_head, teacher_timm, teacher_weights,
-                                     teacher_timm_kwargs, teacher_module, save_teacher)
 
     def shared_step(self, batch: dict) -> dict:
         hp = self.hparams

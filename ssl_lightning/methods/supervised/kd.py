@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
-from ssl_lightning.components.frozen_teacher import FrozenTeacher
 from ssl_lightning.losses import labelled_cross_entropy
 from ssl_lightning.losses.kd import kd_loss
-from ssl_lightning.methods.supervised.base import SupervisedMethod
+from ssl_lightning.methods.supervised.distillation import DistillationStudent
 
 
-class KD(SupervisedMethod):
+class KD(DistillationStudent):
     """Knowledge distillation from a frozen classifier teacher:
 
         loss = ce_weight * CE(s, y) + kd_weight * T^2 KL(softmax(t / T) || softmax(s / T))
@@ -35,15 +32,9 @@ class KD(SupervisedMethod):
         temperature: T, the softmax temperature of both distributions in the KD term.
         ce_weight: weight of the cross-entropy with the labels.
         kd_weight: weight of the KD term.
-        teacher_ckpt: a checkpoint of a supervised method (``Classifier``, a distilled student), or an
-            exported backbone ``.safetensors`` (with ``teacher_head``).
-        teacher_head: with an exported backbone: a file with the classifier head's weight and bias.
-        teacher_timm: a timm model name, with ``teacher_weights`` (a local state dict file) and
-            ``teacher_timm_kwargs`` (its builder arguments).
-        teacher: a teacher ``nn.Module`` (images -> logits) in Python; not saved in the
-            hyperparameters (pass it again to ``load_from_checkpoint`` to resume).
-        save_teacher: keep the teacher's weights in the student's checkpoints.
-        **kwargs: backbone, data, optimizer and schedule arguments of :class:`SupervisedMethod`.
+        **kwargs: the teacher's arguments (``teacher_ckpt``, ``teacher_timm``, ...: see
+            :class:`~ssl_lightning.methods.supervised.distillation.DistillationStudent`) and the backbone, data,
+            optimizer and schedule arguments of :class:`SupervisedMethod`.
     """
 
     def __init__(
@@ -51,21 +42,11 @@ class KD(SupervisedMethod):
         temperature: float = 4.0,
         ce_weight: float = 0.1,
         kd_weight: float = 0.9,
-        teacher_ckpt: str | None = None,
-        teacher_head: str | None = None,
-        teacher_timm: str | None = None,
-        teacher_weights: str | None = None,
-        teacher_timm_kwargs: dict[str, Any] | None = None,
-        teacher: nn.Module | None = None,
-        save_teacher: bool = False,
         **kwargs: Any,
     ):
         if temperature <= 0:
             raise ValueError(f"KD: temperature must be > 0, got {temperature}.")
-        teacher_module, teacher = teacher, None  # hyperparameters hold no module (checkpoints load weights_only)
         super().__init__(**kwargs)
-        self.teacher = FrozenTeacher(type(self).__name__, teacher_ckpt, teacher_head, teacher_timm, teacher_weights,
-                                     teacher_timm_kwargs, teacher_module, save_teacher)
 
     def shared_step(self, batch: dict) -> dict:
         images, labels = batch["views"][0], batch["label"]

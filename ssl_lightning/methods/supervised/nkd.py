@@ -6,15 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
-from ssl_lightning.components.frozen_teacher import FrozenTeacher
 from ssl_lightning.losses import labelled_cross_entropy
 from ssl_lightning.losses.nkd import nkd_terms
-from ssl_lightning.methods.supervised.base import SupervisedMethod
+from ssl_lightning.methods.supervised.distillation import DistillationStudent
 
 
-class NKD(SupervisedMethod):
+class NKD(DistillationStudent):
     """Normalized knowledge distillation from a frozen classifier teacher:
 
         loss = ce_weight * CE(s, y) + [ -T_y log S_y ] + gamma * [ -lambda^2 sum_{i != y} N(T^l)_i log N(S^l)_i ]
@@ -42,9 +39,9 @@ class NKD(SupervisedMethod):
         gamma: weight of the non-target term.
         ce_weight: weight of the cross-entropy with the labels.
         keep_target_in_non_target: the pre-fix reference behaviour (see above).
-        teacher_ckpt, teacher_head, teacher_timm, teacher_weights, teacher_timm_kwargs, teacher,
-            save_teacher: the teacher, as for :class:`~ssl_lightning.methods.supervised.kd.KD`.
-        **kwargs: backbone, data, optimizer and schedule arguments of :class:`SupervisedMethod`.
+        **kwargs: the teacher's arguments (``teacher_ckpt``, ``teacher_timm``, ...: see
+            :class:`~ssl_lightning.methods.supervised.distillation.DistillationStudent`) and the backbone, data,
+            optimizer and schedule arguments of :class:`SupervisedMethod`.
     """
 
     def __init__(
@@ -53,21 +50,11 @@ class NKD(SupervisedMethod):
         gamma: float = 1.5,
         ce_weight: float = 1.0,
         keep_target_in_non_target: bool = False,
-        teacher_ckpt: str | None = None,
-        teacher_head: str | None = None,
-        teacher_timm: str | None = None,
-        teacher_weights: str | None = None,
-        teacher_timm_kwargs: dict[str, Any] | None = None,
-        teacher: nn.Module | None = None,
-        save_teacher: bool = False,
         **kwargs: Any,
     ):
         if temperature <= 0:
             raise ValueError(f"NKD: temperature must be > 0, got {temperature}.")
-        teacher_module, teacher = teacher, None  # hyperparameters hold no module (checkpoints load weights_only)
         super().__init__(**kwargs)
-        self.teacher = FrozenTeacher(type(self).__name__, teacher_ckpt, teacher_head, teacher_timm, teacher_weights,
-                                     teacher_timm_kwargs, teacher_module, save_teacher)
 
     def shared_step(self, batch: dict) -> dict:
         hp = self.hparams
