@@ -300,6 +300,14 @@ def subcommand_teardown() -> Iterator[None]:
 _NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf", re.IGNORECASE)
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A driver's own arguments and those after ``--``, which it passes to every run it starts."""
+    if "--" not in argv:
+        return list(argv), []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def join_negative_values(argv: list[str]) -> list[str]:
     """``--key -1e-3`` as ``--key=-1e-3``: argparse reads a value that starts with '-' and is not a
     plain number (``-1e-3``, ``-.5``, ``-inf``) as an option and fails with "expected one argument"."""

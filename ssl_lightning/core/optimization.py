@@ -157,16 +157,20 @@ def clip_gradients_per_parameter(parameters: Iterable[nn.Parameter], max_norm: f
     """
     if max_norm <= 0:
         raise ValueError(f"clip_gradients_per_parameter needs max_norm > 0, got {max_norm}")
-    grads = [p.grad for p in parameters if p.requires_grad]
+    trainable = [p for p in parameters if p.requires_grad]
+    grads = [p.grad for p in trainable]
     present = [g for g in grads if g is not None]
-    if not present:
+    model = getattr(trainer.strategy, "model", None)
+    sharded = isinstance(model, FullyShardedDataParallel) and model.sharding_strategy != ShardingStrategy.NO_SHARD
+    # Under FSDP a rank may hold no slice of any of these parameters (a single small tensor such as
+    # iBOT's mask token): it still joins the all-reduce below, or the ranks that hold one would wait.
+    if not trainable or not (present or sharded):
         return
-    norms = iter(torch._foreach_norm(present))  # one multi-tensor kernel for every tensor's norm
-    zero = present[0].new_zeros((), dtype=torch.float32)
+    norms = iter(torch._foreach_norm(present) if present else ())  # one multi-tensor kernel for every norm
+    zero = torch.zeros((), dtype=torch.float32, device=trainable[0].device)
     # a slot for every parameter, so that every rank's vector lines up (FSDP may leave a slice empty)
     squared_norms = torch.stack([next(norms).float().square() if g is not None else zero for g in grads])
-    model = getattr(trainer.strategy, "model", None)
-    if isinstance(model, FullyShardedDataParallel) and model.sharding_strategy != ShardingStrategy.NO_SHARD:
+    if sharded:
         dist.all_reduce(squared_norms, group=model.process_group)
     scales = (max_norm / (squared_norms.sqrt() + 1e-6)).clamp(max=1.0)
     for grad, scale in zip(grads, scales):

@@ -31,6 +31,9 @@ from typing import Any
 
 import yaml
 
+from ssl_lightning.cli import main as cli
+from ssl_lightning.cli import split_passthrough
+
 METHOD = "GuidedSelfDistillation"
 METHOD_CLASS_PATHS = {METHOD, f"ssl_lightning.methods.supervised.{METHOD}",
                       f"ssl_lightning.methods.supervised.guided_self_distillation.{METHOD}"}
@@ -115,8 +118,6 @@ def _same(key: str, recorded: Any, wanted: Any) -> bool:
 
 def run_cli(subcommand: str, arguments: list[str], round_index: int) -> None:
     """One CLI run in this process; an argument error (the CLI's exit) ends the rounds with its reason."""
-    from ssl_lightning.cli import main as cli
-
     print(f"rounds: round {round_index}: ssl_lightning {subcommand} {' '.join(arguments)}", flush=True)
     # The run's command line, as if typed (LightningCLI reads sys.argv, and warns when given both).
     driver_argv, sys.argv = sys.argv, [sys.argv[0], subcommand, *arguments]
@@ -185,9 +186,7 @@ def default_alpha() -> float:
 
 
 def main(argv: list[str] | None = None) -> str:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m ssl_lightning.methods.supervised.rounds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", required=True, type=Path, help="recipe(s), as for fit")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ssl_lightning.cli import split_passthrough
 from ssl_lightning.methods.tta.report import read_error_table, write_error_table
 
 
@@ -52,9 +53,7 @@ def combine(runs: list[Path], root: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m ssl_lightning.methods.tta.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source_ckpt", required=True, help="the source classifier's checkpoint")
