@@ -211,6 +211,27 @@ def test_per_parameter_clipping_matches_dinos_clip_gradients():
     assert norms[0] == pytest.approx(1.0, rel=1e-5) and norms[1] < 0.1  # a small gradient keeps its norm
 
 
+def test_a_rank_without_a_slice_of_the_clipped_parameters_still_joins_the_sharded_all_reduce(monkeypatch):
+    # Under FSDP a small parameter (iBOT's mask token) may lie wholly on the other rank: this rank's
+    # gradient is None, and returning early would leave the other rank waiting in its all-reduce.
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from ssl_lightning.core import optimization
+
+    class Sharded:
+        sharding_strategy, process_group = ShardingStrategy.FULL_SHARD, "group"
+
+    reduced = []
+    monkeypatch.setattr(optimization, "FullyShardedDataParallel", Sharded)
+    monkeypatch.setattr(optimization.dist, "all_reduce", lambda tensor, group: reduced.append((tensor.clone(), group)))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model=Sharded()))
+    mask_token = torch.nn.Parameter(torch.zeros(0))  # this rank's empty slice, no gradient
+    clip_gradients_per_parameter([mask_token], 1.0, trainer)
+    assert len(reduced) == 1 and reduced[0][1] == "group" and torch.equal(reduced[0][0], torch.zeros(1))
+
+
 class GradientNorms(L.Callback):
     """The student's gradient norms as the optimizer used them (Lightning zeroes them next step)."""
 
