@@ -40,6 +40,12 @@ from ssl_lightning.strategies import unsharded_parameters
 SAVED_DATA_FACTS = ("in_chans", "image_size", "mean", "std")
 
 
+def saved_data_facts(datamodule) -> dict:
+    """The DataModule's ``SAVED_DATA_FACTS`` as a checkpoint stores them (``data_facts``: lists, no None)."""
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key in SAVED_DATA_FACTS if (value := getattr(datamodule, key, None)) is not None}
+
+
 class TrainModule(L.LightningModule):
     """Base of every trainable method: the backbone, the DataModule's facts, the optimizer and its
     schedule, the non-finite-loss guard, and the logging of losses and learning rates.
@@ -292,11 +298,7 @@ class TrainModule(L.LightningModule):
         # DataModule knows but the method's hyperparameters do not (mean, std).
         datamodule = getattr(self._trainer, "datamodule", None)
         if datamodule is not None:
-            checkpoint["data_facts"] = {
-                key: list(value) if isinstance(value, tuple) else value
-                for key in SAVED_DATA_FACTS
-                if (value := getattr(datamodule, key, None)) is not None
-            }
+            checkpoint["data_facts"] = saved_data_facts(datamodule)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # load_from_checkpoint builds the modules; a resumed Trainer run has built them already.

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_lightning.components.classifier_files import FINETUNED_CLASSIFIER, projector_blocks
 from ssl_lightning.core.data_link import read_batch_size, require_views
-from ssl_lightning.core.module import SAVED_DATA_FACTS
+from ssl_lightning.core.module import saved_data_facts
 from ssl_lightning.core.optimization import OptimizationConfig, configure_optimization
 from ssl_lightning.core.step_logging import log_learning_rates
 from ssl_lightning.evaluation.pretrained import PretrainedBackboneModule
@@ -209,9 +209,7 @@ class FineTune(PretrainedBackboneModule):
                                             "projector_layers": self.hparams.projector_layers}
         datamodule = getattr(self._trainer, "datamodule", None)
         if datamodule is not None:
-            facts = {key: getattr(datamodule, key, None) for key in SAVED_DATA_FACTS}
-            checkpoint["data_facts"] = {key: list(value) if isinstance(value, tuple) else value
-                                        for key, value in facts.items() if value is not None}
+            checkpoint["data_facts"] = saved_data_facts(datamodule)
 
     def on_fit_end(self) -> None:
         top1 = self.trainer.callback_metrics.get("val/finetune_top1")
