@@ -22,12 +22,16 @@ class KNNReport(L.Callback):
 
     A method may add rows beside the trained backbone: ``knn_report_encoders() -> {name: module}``
     (Random Teachers: its frozen teacher's backbone), each of the backbone's architecture.
+
+    ``baselines=False`` leaves out rows (2) and (3): a benchmark that trains many methods with one
+    backbone on one dataset measures them once, not once per method.
     """
 
-    def __init__(self, k: int = 20, temperature: float = 0.1, init_seed: int = 0):
+    def __init__(self, k: int = 20, temperature: float = 0.1, init_seed: int = 0, baselines: bool = True):
         self.k = k
         self.temperature = temperature
         self.init_seed = init_seed
+        self.baselines = baselines
         self.results: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -45,15 +49,12 @@ class KNNReport(L.Callback):
         if not trainer.is_global_zero:
             return
         query_loader, bank_loader = trainer.datamodule.val_dataloader()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.init_seed)
-            random_backbone = pl_module.build_fresh_backbone().to(pl_module.device)
-        encoders = {
-            "trained backbone": trained_backbone,
-            **method_encoders,
-            f"random init (seed {self.init_seed})": random_backbone,
-            "raw pixels": torch.nn.Flatten(),
-        }
+        encoders = {"trained backbone": trained_backbone, **method_encoders}
+        if self.baselines:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.init_seed)
+                encoders[f"random init (seed {self.init_seed})"] = pl_module.build_fresh_backbone().to(pl_module.device)
+            encoders["raw pixels"] = torch.nn.Flatten()
         lines = [f"kNN top-1 (k={self.k}, T={self.temperature}, cosine; bank = train split, queries = val split):"]
         for name, encoder in encoders.items():
             bank, bank_labels = _encode(encoder, bank_loader, pl_module.device)

@@ -178,11 +178,12 @@ def test_loss_and_gradients_equal_a_float64_reference_of_the_papers_objective(te
 def test_the_frozen_teachers_knn_accuracy_is_reported_beside_the_students():
     torch.manual_seed(0)
     data = Digits(batch_size=256, num_workers=0, views="none", image_size=16, seed=0)
-    report = KNNReport(k=20)
+    report, without_baselines = KNNReport(k=20), KNNReport(k=20, baselines=False)
     model = tiny_method(RandomTeachers, optimizer="adamw", lr=1e-3)
-    quick_trainer(max_steps=2, limit_val_batches=0, callbacks=[report]).fit(model, data)
+    quick_trainer(max_steps=2, limit_val_batches=0, callbacks=[report, without_baselines]).fit(model, data)
 
     assert list(report.results) == ["trained backbone", "frozen teacher", "random init (seed 0)", "raw pixels"]
+    assert without_baselines.results == {name: report.results[name] for name in ("trained backbone", "frozen teacher")}
     queries_loader, bank_loader = data.val_dataloader()
 
     @torch.no_grad()
