@@ -19,6 +19,7 @@ from ssl_lightning.losses.mae import mae_loss, normalised_pixel_target, patchify
 from ssl_lightning.losses.mixed_barlow_twins import mixed_barlow_twins_regulariser
 from ssl_lightning.losses.mochi import mix_hard_negatives
 from ssl_lightning.losses.moco import info_nce_with_queue
+from ssl_lightning.losses.msbreg import brownian_diffusive_loss, multiview_centroid_loss, singular_value_loss
 from ssl_lightning.losses.myow import mine_views, mined_view_loss
 from ssl_lightning.losses.nearest_neighbour import nearest_neighbours
 from ssl_lightning.losses.nkd import nkd_loss, nkd_terms
@@ -53,4 +54,6 @@ __all__ = [
     "self_distillation_loss", "sinkhorn_knopp", "sla_joint_loss", "sla_sd_loss", "sla_sd_terms", "soft_cross_entropy",
     "soft_likelihood_ratio", "softmax_entropy", "supcon", "swapped_prediction", "symmetric_cross_entropy",
     "teacher_cross_entropy", "unpatchify", "uskd_loss", "uskd_terms", "vicreg",
+    # MSBReg's three losses
+    "brownian_diffusive_loss", "multiview_centroid_loss", "singular_value_loss",
 ]

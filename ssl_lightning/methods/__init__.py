@@ -17,6 +17,7 @@ from ssl_lightning.methods.ssl import (
     MoCHi,
     MoCoV2,
     MoCoV3,
+    MSBReg,
     RandomTeachers,
     SelfDistilledMAE,
     SimCLR,
@@ -45,7 +46,7 @@ __all__ = [
     "METHODS", "MYOW", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3", "NKD", "NNCLR", "SSLMethod", "SimCLR",
     "SimSiam", "Source", "SupCon", "SupervisedMethod", "SwAV", "TRAINABLE", "TTAMethod", "Tent", "VICReg", "EATA", "SAR",
     "CoTTA", "RMT", "ROID", "MAE", "RandomTeachers", "LSSKD", "PSKD", "SLA", "USKD", "IBOT",
-    "GuidedSelfDistillation", "SelfDistilledMAE",
+    "GuidedSelfDistillation", "SelfDistilledMAE", "MSBReg",
 ]
 
 #: each family's methods by short name: "ssl" (self-supervised, ``SSLMethod``), "supervised"

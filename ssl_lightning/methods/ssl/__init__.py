@@ -12,6 +12,7 @@ from ssl_lightning.methods.ssl.mixed_barlow_twins import MixedBarlowTwins
 from ssl_lightning.methods.ssl.mochi import MoCHi
 from ssl_lightning.methods.ssl.moco_v2 import MoCoV2
 from ssl_lightning.methods.ssl.moco_v3 import MoCoV3
+from ssl_lightning.methods.ssl.msbreg import MSBReg
 from ssl_lightning.methods.ssl.myow import MYOW
 from ssl_lightning.methods.ssl.nnclr import NNCLR
 from ssl_lightning.methods.ssl.random_teachers import RandomTeachers
@@ -23,7 +24,7 @@ from ssl_lightning.methods.ssl.swav import SwAV
 from ssl_lightning.methods.ssl.vicreg import VICReg
 
 __all__ = [
-    "BYOL", "DCL", "DCLW", "DINO", "IBOT", "MAE", "MYOW", "NNCLR", "BarlowTwins", "ISogCLR", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3",
+    "BYOL", "DCL", "DCLW", "DINO", "IBOT", "MAE", "MSBReg", "MYOW", "NNCLR", "BarlowTwins", "ISogCLR", "MixedBarlowTwins", "MoCHi", "MoCoV2", "MoCoV3",
     "RandomTeachers", "SSLMethod", "SelfDistilledMAE", "SimCLR", "SimSiam", "SupCon", "SwAV", "VICReg",
 ]
 
@@ -33,5 +34,5 @@ __all__ = [
 METHODS = {
     cls.__name__: cls
     for cls in (SimCLR, BarlowTwins, BYOL, MoCoV2, MoCHi, MoCoV3, NNCLR, DCL, DCLW, SupCon, ISogCLR,
-                SimSiam, VICReg, MixedBarlowTwins, SwAV, MYOW, DINO, RandomTeachers, IBOT, MAE, SelfDistilledMAE)
+                SimSiam, VICReg, MixedBarlowTwins, SwAV, MYOW, MSBReg, DINO, RandomTeachers, IBOT, MAE, SelfDistilledMAE)
 }

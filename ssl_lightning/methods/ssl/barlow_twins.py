@@ -40,5 +40,6 @@ class BarlowTwins(SSLMethod):
     def shared_step(self, batch: dict) -> dict:
         view1, view2 = batch["views"]
         feats1, feats2 = self.backbone(view1), self.backbone(view2)
-        loss = self.loss_scale * barlow_twins(self.projector(feats1), self.projector(feats2), self.lambda_offdiag)
-        return {"loss": loss, "feats": feats1}
+        embeds = self.projector(feats1)
+        loss = self.loss_scale * barlow_twins(embeds, self.projector(feats2), self.lambda_offdiag)
+        return {"loss": loss, "feats": feats1, "embeds": embeds}

@@ -80,7 +80,7 @@ class BYOL(SSLMethod):
         pred1, pred2 = self.predictor(proj1), self.predictor(proj2)
         target1, target2 = self.teacher(view1), self.teacher(view2)
         loss = normalized_regression(pred1, target2) + normalized_regression(pred2, target1)
-        return {"loss": loss, "feats": feats1}
+        return {"loss": loss, "feats": feats1, "embeds": proj1}
 
     def on_optimizer_step(self, step: int) -> None:
         momentum = self.teacher.momentum(step, int(self.trainer.estimated_stepping_batches))

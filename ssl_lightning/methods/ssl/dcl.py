@@ -33,8 +33,9 @@ class DCL(SSLMethod):
     def shared_step(self, batch: dict) -> dict:
         view1, view2 = batch["views"]
         feats1, feats2 = self.backbone(view1), self.backbone(view2)
-        loss = self.contrastive_loss(self.projector(feats1), self.projector(feats2))
-        return {"loss": loss, "feats": feats1}
+        embeds = self.projector(feats1)
+        loss = self.contrastive_loss(embeds, self.projector(feats2))
+        return {"loss": loss, "feats": feats1, "embeds": embeds}
 
 
 class DCLW(DCL):

@@ -95,8 +95,8 @@ class ISogCLR(SSLMethod):
         feats1, feats2 = self.backbone(view1), self.backbone(view2)
         hp = self.hparams
         tau, partition = self.tau.read(index), self.partition.read(index)
-        step = isogclr(self.projector(feats1), self.projector(feats2), tau, partition, hp.gamma, hp.rho,
-                       hp.tau_grad_clip)
+        embeds = self.projector(feats1)
+        step = isogclr(embeds, self.projector(feats2), tau, partition, hp.gamma, hp.rho, hp.tau_grad_clip)
         with torch.no_grad():
             new_tau, momentum = isogclr_temperature_step(
                 tau, self.tau_momentum.read(index), step.tau_grad, hp.eta, hp.beta_u, hp.tau_min, hp.tau_max
@@ -106,4 +106,4 @@ class ISogCLR(SSLMethod):
             self.tau.write(index, new_tau)
         if self._trainer is not None and self.training and logger_writes_this_step(self._trainer):
             self.log("tau/mean", tau.mean(), batch_size=tau.shape[0])
-        return {"loss": step.loss, "feats": feats1}
+        return {"loss": step.loss, "feats": feats1, "embeds": embeds}

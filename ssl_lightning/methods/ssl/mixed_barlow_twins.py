@@ -88,4 +88,5 @@ class MixedBarlowTwins(BarlowTwins):
             "loss/barlow_twins": redundancy.detach(),
             "loss/mixup": regulariser.detach(),
             "feats": feats1,
+            "embeds": z1,
         }

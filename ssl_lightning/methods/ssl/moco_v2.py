@@ -115,7 +115,7 @@ class MoCoV2(SSLMethod):
             loss = self.contrast(query1, key2, queued[:, 0])
             keys = key2[:, None]
         self.queue.push(F.normalize(keys.float(), dim=2).flatten(1))
-        return {"loss": loss, "feats": feats1}
+        return {"loss": loss, "feats": feats1, "embeds": query1}
 
     def on_optimizer_step(self, step: int) -> None:
         momentum = self.teacher.momentum(step, int(self.trainer.estimated_stepping_batches))

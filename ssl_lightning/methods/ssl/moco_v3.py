@@ -90,11 +90,12 @@ class MoCoV3(SSLMethod):
     def shared_step(self, batch: dict) -> dict:
         view1, view2 = batch["views"]
         feats1, feats2 = self.backbone(view1), self.backbone(view2)
-        query1, query2 = self.predictor(self.projector(feats1)), self.predictor(self.projector(feats2))
+        embeds = self.projector(feats1)
+        query1, query2 = self.predictor(embeds), self.predictor(self.projector(feats2))
         key1, key2 = self.teacher(view1), self.teacher(view2)
         t = self.hparams.temperature
         loss = 2 * t * (batch_info_nce(query1, key2, t) + batch_info_nce(query2, key1, t))
-        return {"loss": loss, "feats": feats1}
+        return {"loss": loss, "feats": feats1, "embeds": embeds}
 
     def on_optimizer_step(self, step: int) -> None:
         momentum = self.teacher.momentum(step, int(self.trainer.estimated_stepping_batches))

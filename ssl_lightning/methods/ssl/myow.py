@@ -134,7 +134,7 @@ class MYOW(BYOL):
         mined = mined_view_loss(pred_m1, feats1, target_feats2, target_m2, self.hparams.mined_k)
         weight = self.mined_weight(self.global_step)
         loss = (byol + weight * mined) / (1 + weight)
-        return {"loss": loss, "feats": feats1, "loss/byol": byol, "loss/mined": mined}
+        return {"loss": loss, "feats": feats1, "loss/byol": byol, "loss/mined": mined, "embeds": proj1}
 
     def on_optimizer_step(self, step: int) -> None:
         super().on_optimizer_step(step)

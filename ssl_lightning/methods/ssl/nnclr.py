@@ -66,4 +66,4 @@ class NNCLR(SSLMethod):
         t = self.hparams.temperature
         loss = (batch_info_nce(neighbour1, pred2, t) + batch_info_nce(neighbour2, pred1, t)) / 2
         self.queue.push(F.normalize(proj1.detach(), dim=1))
-        return {"loss": loss, "feats": feats1}
+        return {"loss": loss, "feats": feats1, "embeds": proj1}

@@ -44,5 +44,6 @@ class SimCLR(SSLMethod):
     def shared_step(self, batch: dict) -> dict:
         view1, view2 = batch["views"]
         feats1, feats2 = self.backbone(view1), self.backbone(view2)
-        loss = nt_xent(self.projector(feats1), self.projector(feats2), self.temperature)
-        return {"loss": loss, "feats": feats1}
+        embeds = self.projector(feats1)
+        loss = nt_xent(embeds, self.projector(feats2), self.temperature)
+        return {"loss": loss, "feats": feats1, "embeds": embeds}

@@ -97,7 +97,7 @@ class SimSiam(SSLMethod):
         p1, p2 = self.predictor(z1), self.predictor(z2)
         # -cos = (2 - 2 cos) / 2 - 1: the paper's symmetrised D from the tested regression loss.
         loss = (normalized_regression(p1, z2.detach()) + normalized_regression(p2, z1.detach())) / 4 - 1
-        return {"loss": loss, "feats": feats1}
+        return {"loss": loss, "feats": feats1, "embeds": z1}
 
     def on_optimizer_step(self, step: int) -> None:
         if self.direct_pred and step % self.hparams.direct_pred_freq == 0:

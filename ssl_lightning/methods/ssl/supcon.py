@@ -31,8 +31,9 @@ class SupCon(SSLMethod):
     def shared_step(self, batch: dict) -> dict:
         view1, view2 = batch["views"]
         feats1, feats2 = self.backbone(view1), self.backbone(view2)
-        loss = supcon(self.projector(feats1), self.projector(feats2), batch["label"], self.hparams.temperature)
-        return {"loss": loss, "feats": feats1}
+        embeds = self.projector(feats1)
+        loss = supcon(embeds, self.projector(feats2), batch["label"], self.hparams.temperature)
+        return {"loss": loss, "feats": feats1, "embeds": embeds}
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -117,7 +117,7 @@ class SwAV(SSLMethod):
         loss = swapped_prediction(scores, codes, self.hparams.temperature)
         if self.queue is not None:  # after the codes: a batch is not its own queue
             self.queue.push(assigned.transpose(0, 1).reshape(num_images, -1))
-        return {"loss": loss, "feats": feats[:num_images]}
+        return {"loss": loss, "feats": feats[:num_images], "embeds": projections[:num_images]}
 
     @torch.no_grad()
     def _codes(self, scores: Tensor) -> Tensor:

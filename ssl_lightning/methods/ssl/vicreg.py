@@ -46,13 +46,13 @@ class VICReg(SSLMethod):
     def shared_step(self, batch: dict) -> dict:
         view1, view2 = batch["views"]
         feats1, feats2 = self.backbone(view1), self.backbone(view2)
-        terms = vicreg(
-            self.projector(feats1), self.projector(feats2), self.sim_weight, self.var_weight, self.cov_weight
-        )
+        embeds = self.projector(feats1)
+        terms = vicreg(embeds, self.projector(feats2), self.sim_weight, self.var_weight, self.cov_weight)
         return {
             "loss": terms.loss,
             "loss/invariance": terms.invariance.detach(),
             "loss/variance": terms.variance.detach(),
             "loss/covariance": terms.covariance.detach(),
             "feats": feats1,
+            "embeds": embeds,
         }
