@@ -165,6 +165,15 @@ def resolve_views(views: str | list[ViewSpec], image_size: int, in_chans: int) -
     return specs
 
 
+def views_are_deterministic(specs: list[ViewSpec], on_device: bool = False, batch_styles: bool = False) -> bool:
+    """Whether training views are a fixed function of the image: the same tensor for an image at every
+    epoch and in every batch. That needs every spec un-augmented (``crop_scale=None``: resize and centre
+    crop, e.g. the ``none`` preset), the views drawn per image on the CPU (``on_device``: device-side
+    views exist to augment) and no Batch Styles Standardization (``batch_styles``: it mixes amplitudes
+    of images drawn at random from the batch)."""
+    return not on_device and not batch_styles and not any(spec.augments for spec in specs)
+
+
 def blur_kernel_size(crop_size: int) -> int:
     """About 10 % of the crop (SimCLR), odd as convolution needs, at least 3."""
     size = max(3, round(0.1 * crop_size))

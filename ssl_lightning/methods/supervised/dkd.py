@@ -67,7 +67,7 @@ class DKD(DistillationStudent):
         feats = self.backbone(images)
         logits = self.head(feats)
         ce = labelled_cross_entropy(logits, labels)
-        tckd, nckd = decoupled_kd_terms(logits, self.teacher(images), labels, hp.temperature)
+        tckd, nckd = decoupled_kd_terms(logits, self.teacher_logits(batch), labels, hp.temperature)
         epoch = self._trainer.current_epoch if self._trainer is not None else 0
         loss = hp.ce_weight * ce + dkd_warmup(epoch, hp.dkd_warmup_epochs) * (hp.alpha * tckd + hp.beta * nckd)
         return {"loss": loss, "loss/ce": ce, "loss/tckd": tckd, "loss/nckd": nckd, "feats": feats, "logits": logits}

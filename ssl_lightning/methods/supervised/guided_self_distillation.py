@@ -92,7 +92,7 @@ class GuidedSelfDistillation(DistillationStudent):
         images, labels = batch["views"][0], batch["label"]
         feats = self.backbone(images)
         logits = self.head(feats)
-        teacher_logits = None if self.teacher is None else self.teacher(images)
+        teacher_logits = self.teacher_logits(batch)
         terms = guided_self_distillation_terms(logits, teacher_logits, labels, self.hparams.objective)
         if teacher_logits is None:
             loss = terms["labels"]

@@ -53,6 +53,6 @@ class KD(DistillationStudent):
         feats = self.backbone(images)
         logits = self.head(feats)
         ce = labelled_cross_entropy(logits, labels)
-        kd = kd_loss(logits, self.teacher(images), self.hparams.temperature)
+        kd = kd_loss(logits, self.teacher_logits(batch), self.hparams.temperature)
         loss = self.hparams.ce_weight * ce + self.hparams.kd_weight * kd
         return {"loss": loss, "loss/ce": ce, "loss/kd": kd, "feats": feats, "logits": logits}

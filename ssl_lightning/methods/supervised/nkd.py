@@ -62,7 +62,7 @@ class NKD(DistillationStudent):
         feats = self.backbone(images)
         logits = self.head(feats)
         ce = labelled_cross_entropy(logits, labels)
-        target, non_target = nkd_terms(logits, self.teacher(images), labels, hp.temperature,
+        target, non_target = nkd_terms(logits, self.teacher_logits(batch), labels, hp.temperature,
                                        hp.keep_target_in_non_target)
         loss = hp.ce_weight * ce + target + hp.gamma * non_target
         return {"loss": loss, "loss/ce": ce, "loss/target": target, "loss/non_target": non_target, "feats": feats,
