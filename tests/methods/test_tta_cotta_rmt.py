@@ -122,9 +122,13 @@ def test_cotta_first_step_is_adam_on_the_cross_entropy_to_the_teacher_over_every
     after = part(method.state_dict(), "model.")
     assert after.keys() == dict(student.named_parameters()).keys()
     for name, parameter in student.named_parameters():
+        if name == "backbone.0.bias":
+            # BatchNorm cancels the conv bias: its gradient is zero up to rounding, and Adam's normalised
+            # step turns rounding noise into a move of either sign, so only the gradient is checked.
+            assert parameter.grad.abs().max() < 1e-6
+            continue
         torch.testing.assert_close(after[name], parameter.detach(), rtol=0, atol=1e-6)
-        moved = not torch.equal(after[name], tiny_source().get_parameter(name))
-        assert moved == (name != "backbone.0.bias"), name  # BatchNorm cancels the conv bias: no gradient
+        assert not torch.equal(after[name], tiny_source().get_parameter(name)), name
     assert [id(p) for p in method.adapted] == [id(p) for p in method.model.parameters()]  # every one adapts
     torch.testing.assert_close(record.outputs[0]["logits"], targets, rtol=0, atol=1e-6)
 
